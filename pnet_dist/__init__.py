@@ -1,0 +1,1 @@
+"""pnet_dist: distributed pretraining of ParameterNet models."""

@@ -1,0 +1,230 @@
+"""Object storage: one small interface over local folders and s3:// URIs.
+
+boto3 lives here and nowhere else. S3 endpoints come from the standard AWS configuration
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, profiles, instance roles); credentials are never taken
+as arguments, so they cannot end up in a config file or a log. Every S3 call is retried with
+exponential backoff and bounded by a total time-out, because transient S3 errors must not kill a
+month-long run (ray #47939).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pnet_dist.log import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}; write s3://BUCKET/prefix")
+    return bucket, key
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try an S3 call: attempts with exponential backoff inside a total time-out."""
+    max_attempts: int = 8
+    base_delay_s: float = 0.5
+    max_delay_s: float = 20.0
+    timeout_s: float = 600.0
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy()) -> T:
+    """Call fn until it succeeds, the attempts run out, or the time-out passes."""
+    start = time.monotonic()
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any transport error is worth a retry
+            elapsed = time.monotonic() - start
+            delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
+            if attempt == policy.max_attempts or elapsed + delay > policy.timeout_s:
+                raise RuntimeError(f"{what} failed after {attempt} attempts in {elapsed:.1f}s: {exc}") from exc
+            log.warning("%s failed (attempt %d/%d): %s; retrying in %.1fs", what, attempt, policy.max_attempts, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Storage:
+    """Files under a root that is a local folder or an s3:// prefix. Keys are '/'-separated."""
+
+    def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+        self.root = root.rstrip("/")
+        self.retry = retry
+        self._client = None
+        if is_s3(root):
+            self.bucket, self.prefix = split_s3(self.root)
+
+    # -- S3 plumbing ---------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}".lstrip("/") if self.prefix else key
+
+    def uri(self, key: str = "") -> str:
+        return join(self.root, key) if key else self.root
+
+    def _local(self, key: str) -> Path:
+        return Path(self.root) / key
+
+    # -- interface -----------------------------------------------------------------------
+    def put_file(self, local_path: str | os.PathLike, key: str) -> None:
+        if is_s3(self.root):
+            from boto3.s3.transfer import TransferConfig
+            config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+            with_retries(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=config),
+                         f"upload {local_path} -> {self.uri(key)}", self.retry)
+        else:
+            dest = self._local(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dest)
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        if is_s3(self.root):
+            def download():
+                try:
+                    self.client.download_file(self.bucket, self._key(key), str(local_path))
+                except self._client_error() as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                        raise FileNotFoundError(self.uri(key)) from exc
+                    raise
+            with_retries(download, f"download {self.uri(key)}", self.retry)
+        else:
+            if not self._local(key).exists():
+                raise FileNotFoundError(self.uri(key))
+            shutil.copyfile(self._local(key), local_path)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        if is_s3(self.root):
+            with_retries(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data),
+                         f"put {self.uri(key)}", self.retry)
+        else:
+            dest = self._local(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".partial")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        if is_s3(self.root):
+            def get():
+                try:
+                    return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+                except self._client_error() as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                        raise FileNotFoundError(self.uri(key)) from exc
+                    raise
+            return with_retries(get, f"get {self.uri(key)}", self.retry)
+        path = self._local(key)
+        if not path.exists():
+            raise FileNotFoundError(self.uri(key))
+        return path.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def size(self, key: str) -> int:
+        if is_s3(self.root):
+            def head():
+                try:
+                    return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+                except self._client_error() as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                        raise FileNotFoundError(self.uri(key)) from exc
+                    raise
+            return with_retries(head, f"head {self.uri(key)}", self.retry)
+        path = self._local(key)
+        if not path.is_file():
+            raise FileNotFoundError(self.uri(key))
+        return path.stat().st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under prefix (recursive), relative to the root, sorted."""
+        if is_s3(self.root):
+            def list_all():
+                keys = []
+                paginator = self.client.get_paginator("list_objects_v2")
+                full = self._key(prefix)
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                    for obj in page.get("Contents", []):
+                        keys.append(obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"])
+                return sorted(keys)
+            return with_retries(list_all, f"list {self.uri(prefix)}", self.retry)
+        base = Path(self.root)
+        start = base / prefix
+        if not start.exists():
+            return []
+        if start.is_file():
+            return [prefix]
+        return sorted(str(p.relative_to(base)) for p in start.rglob("*")
+                      if p.is_file() and not p.name.endswith(".partial"))
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every key under prefix."""
+        if is_s3(self.root):
+            keys = self.list(prefix)
+            for i in range(0, len(keys), 1000):
+                batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+                with_retries(lambda: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch}),
+                             f"delete {self.uri(prefix)}", self.retry)
+        else:
+            target = self._local(prefix)
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    @staticmethod
+    def _client_error():
+        from botocore.exceptions import ClientError
+        return ClientError
+
+
+def s3_client():
+    """A boto3 S3 client from the standard AWS chain (endpoint from AWS_ENDPOINT_URL_S3 if set)."""
+    import boto3
+    from botocore.config import Config
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint,
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60))
+
+
+def open_storage(uri: str, retry: RetryPolicy = RetryPolicy()) -> Storage:
+    return Storage(uri, retry)

@@ -1,0 +1,65 @@
+"""Storage against a local folder and the real S3 HTTP server on 127.0.0.1."""
+import pytest
+
+from pnet_dist.storage import RetryPolicy, Storage, open_storage, split_s3, with_retries
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"{bucket}/some/prefix")
+
+
+def test_roundtrip_list_delete(storage, tmp_path):
+    storage.put_bytes(b"hello", "a/one.txt")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 1000)
+    storage.put_file(src, "a/b/two.bin")
+    storage.put_bytes(b"z", "c.txt")
+    assert storage.list() == ["a/b/two.bin", "a/one.txt", "c.txt"]
+    assert storage.list("a/") == ["a/b/two.bin", "a/one.txt"]
+    assert storage.get_bytes("a/one.txt") == b"hello"
+    assert storage.size("a/b/two.bin") == 1000
+    storage.get_file("a/b/two.bin", tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == b"x" * 1000
+    assert storage.exists("c.txt") and not storage.exists("nope.txt")
+    with pytest.raises(FileNotFoundError):
+        storage.get_bytes("nope.txt")
+    storage.delete_prefix("a/")
+    assert storage.list() == ["c.txt"]
+
+
+def test_bad_s3_uri():
+    with pytest.raises(ValueError, match="bucket"):
+        split_s3("s3:///key")
+
+
+def test_retries_then_succeeds():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("transient")
+        return "ok"
+
+    assert with_retries(flaky, "flaky call", RetryPolicy(base_delay_s=0.01)) == "ok"
+    assert len(calls) == 3
+
+
+def test_retries_give_up_with_named_error():
+    def broken():
+        raise ConnectionError("down")
+
+    with pytest.raises(RuntimeError, match="upload x failed after 2 attempts"):
+        with_retries(broken, "upload x", RetryPolicy(max_attempts=2, base_delay_s=0.01))
+
+
+def test_missing_key_is_not_retried(tmp_path):
+    storage = Storage(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        storage.get_bytes("absent")
