@@ -1,0 +1,402 @@
+"""Job configuration: one YAML file per run, loaded into typed, strict dataclasses.
+
+Owns the schema (JobConfig and its sections), loading with `key=value` overrides, validation of
+types and cross-field rules, and writing the resolved config into the run folder. Every error is
+a ValueError that names the file (or the override) and the dotted key, and says what to do.
+
+Overrides are "a.b=value" with the value parsed as a YAML scalar ("optim.lr=3e-4",
+"deepspeed.raw.zero_optimization.overlap_comm=true"). Keys under dict-typed fields (model.kwargs,
+deepspeed.raw) are free-form; everywhere else an unknown key is an error.
+
+Only this module, storage and log sit below it: it imports no torch, deepspeed or ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pnet_dist import storage
+
+_MISSING_REQUIRED = "<required>"
+_ABSENT = object()
+
+
+@dataclass
+class ModelConfig:
+    name: str = _MISSING_REQUIRED
+    kwargs: dict[str, Any] = field(default_factory=dict)   # passed to create_model
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["image", "text"] = "image"
+    train_uri: str = _MISSING_REQUIRED         # local path, s3://, or synthetic: (see tasks.py)
+    eval_uri: Optional[str] = None
+    batch_size: int = 32                       # per rank micro-batch
+    eval_batch_size: Optional[int] = None      # default: batch_size
+    num_workers: int = 1
+    image_size: int = 224
+    crop_pct: float = 0.875
+    randaugment_ops: int = 2                   # 0 = off
+    randaugment_magnitude: float = 9.0
+    hflip: float = 0.5
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    label_smoothing: float = 0.1
+    seq_len: int = 2048
+    shuffle: bool = True
+    shuffle_seed: int = 42
+    num_canonical_nodes: Optional[int] = None
+    cache_dir: Optional[str] = None
+    steps_per_epoch: Optional[int] = None      # derived from the dataset size otherwise
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3                           # peak lr (after warm-up)
+    min_lr: float = 1e-5                       # end of the cosine
+    weight_decay: float = 0.05                 # never applied to norms and biases
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: Optional[float] = None        # layer-wise lr decay for finetuning, e.g. 0.5
+    warmup_steps: int = 0
+    grad_clip: float = 1.0                     # 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000                      # optimizer steps
+    eval_every_steps: int = 0                  # 0 = evaluate only at the end (if eval_uri is set)
+    eval_max_batches: Optional[int] = None     # per rank; None = the whole eval set
+    log_every_steps: int = 10                  # console log line
+    seed: int = 0
+    ema_decay: Optional[float] = None          # weight EMA (vision only), e.g. 0.9998
+    max_nonfinite_in_row: int = 10             # reload the last checkpoint after this many skipped steps
+    moe_aux_coef: float = 0.01                 # Switch load-balancing loss coefficient
+    init_from: Optional[str] = None            # exported checkpoint to start from (finetuning)
+    watch_spot_interruption: bool = False      # poll the EC2 metadata service for a spot notice
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_accum_steps: int = 1
+    offload_optimizer: bool = False
+    ep_size: int = 1                           # expert-parallel ranks (MoE language models)
+    raw: dict[str, Any] = field(default_factory=dict)   # merged last into the ds_config
+
+
+@dataclass
+class CheckpointConfig:
+    uri: str = "runs"                          # local dir or s3://bucket/prefix; run lives in uri/run_name
+    every_steps: int = 1000
+    keep_last: int = 3
+    async_upload: bool = True
+    upload_timeout_s: float = 600.0
+
+
+@dataclass
+class MetricsConfig:
+    logdir: Optional[str] = None               # default <checkpoint.uri>/<run_name>/tb
+    log_every_steps: int = 10                  # TensorBoard scalars
+    peak_tflops_per_rank: Optional[float] = None   # for MFU; None = known GPU table, no MFU on CPU
+    sync_every_s: float = 60.0                 # upload cadence of event files to an s3:// logdir
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1                       # Ray workers = ranks
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class JobConfig:
+    run_name: str = _MISSING_REQUIRED
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    @property
+    def run_uri(self) -> str:
+        """Where everything of this run lives: checkpoints, resolved config, (default) TensorBoard."""
+        return storage.join(self.checkpoint.uri, self.run_name)
+
+
+# ds_config keys the typed sections own; setting them in deepspeed.raw would silently disagree.
+_RAW_OWNED = {
+    "train_batch_size": "data.batch_size and deepspeed.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "deepspeed.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "the optim section",
+    "scheduler": "the optim section",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+}
+
+
+# -- loading ---------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> JobConfig:
+    """Read the job YAML at `path`, apply "a.b=value" overrides, and return the validated config."""
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the job file: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return config_from_dict(raw, source=path)
+
+
+def apply_override(raw: dict, item: str, source: str = "<overrides>") -> None:
+    """Set one "a.b.c=value" override in the raw (not yet typed) config dict, in place."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{source}: override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{source}: override {item!r}: value is not a YAML scalar: {exc}") from exc
+    if isinstance(value, (dict, list)) and not text.strip().startswith(("{", "[")):
+        value = text.strip()  # "data.train_uri=synthetic:" is a string, not a one-key mapping
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"{source}: override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
+    """Typed, validated JobConfig from a plain dict (as read from YAML)."""
+    cfg = _build(JobConfig, raw, source, "")
+    _check_required(cfg, source)
+    _resolve_defaults(cfg)
+    validate(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: JobConfig) -> dict:
+    """Plain dict (YAML-safe: tuples become lists) of a config."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: JobConfig, uri: str | None = None) -> str:
+    """Write the resolved YAML (default <run_uri>/config.yaml, local or s3://); returns its URI."""
+    uri = uri or storage.join(cfg.run_uri, "config.yaml")
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    storage.open_storage(parent or ".").put_bytes(dump_config(cfg).encode(), name)
+    return uri
+
+
+# -- typing ----------------------------------------------------------------------------------
+def _build(cls, raw: Any, source: str, where: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: {where or 'top level'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ValueError(f"{source}: unknown key {key!r}; allowed in {where or 'the top level'}: "
+                         f"{', '.join(sorted(names))}")
+    values = {name: _convert(raw[name], hints[name], source, f"{where}.{name}" if where else name)
+              for name in raw}
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, source: str, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, source, where)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, source, where)
+    if origin is Literal:
+        if value not in args or type(value) is bool:
+            raise ValueError(f"{source}: {where}: must be one of {', '.join(map(str, args))}, got {_show(value)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}: {where}: expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{source}: {where}: expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it since that is how people write lr.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: {where}: expected a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: {where}: expected a string, got {_show(value)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {where}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{source}: {where}: expected a list of {len(args)} values, got {_show(value)}")
+        return tuple(_convert(v, a, source, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise AssertionError(f"config type {hint!r} of {where} is not handled")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_required(cfg: JobConfig, source: str) -> None:
+    for key, value in (("run_name", cfg.run_name), ("model.name", cfg.model.name),
+                       ("data.train_uri", cfg.data.train_uri)):
+        if value == _MISSING_REQUIRED:
+            raise ValueError(f"{source}: {key} is required")
+
+
+def _resolve_defaults(cfg: JobConfig) -> None:
+    if cfg.metrics.logdir is None:
+        cfg.metrics.logdir = storage.join(cfg.run_uri, "tb")
+    if cfg.data.eval_batch_size is None:
+        cfg.data.eval_batch_size = cfg.data.batch_size
+
+
+# -- cross-field rules -----------------------------------------------------------------------
+def validate(cfg: JobConfig, source: str = "<config>") -> None:
+    """Range and cross-field rules; raises ValueError naming the key and the fix."""
+    def fail(key: str, message: str) -> None:
+        raise ValueError(f"{source}: {key}: {message}")
+
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name.strip() != cfg.run_name:
+        fail("run_name", f"must be a non-empty name without '/' or surrounding spaces, got {cfg.run_name!r}")
+    positive = {
+        "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+        "data.image_size": cfg.data.image_size, "data.seq_len": cfg.data.seq_len,
+        "train.max_steps": cfg.train.max_steps, "train.log_every_steps": cfg.train.log_every_steps,
+        "train.max_nonfinite_in_row": cfg.train.max_nonfinite_in_row,
+        "deepspeed.grad_accum_steps": cfg.deepspeed.grad_accum_steps, "deepspeed.ep_size": cfg.deepspeed.ep_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "metrics.log_every_steps": cfg.metrics.log_every_steps, "scaling.num_workers": cfg.scaling.num_workers,
+        "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, f"must be > 0, got {value}")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers, "data.randaugment_ops": cfg.data.randaugment_ops,
+        "data.mixup_alpha": cfg.data.mixup_alpha, "data.cutmix_alpha": cfg.data.cutmix_alpha,
+        "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip, "optim.min_lr": cfg.optim.min_lr,
+        "train.eval_every_steps": cfg.train.eval_every_steps, "train.moe_aux_coef": cfg.train.moe_aux_coef,
+        "scaling.max_failures": cfg.scaling.max_failures,
+        "checkpoint.upload_timeout_s": cfg.checkpoint.upload_timeout_s,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    for key, value in (("data.hflip", cfg.data.hflip), ("data.label_smoothing", cfg.data.label_smoothing)):
+        if not 0.0 <= value <= 1.0:
+            fail(key, f"must be in [0, 1], got {value}")
+    if not 0.0 < cfg.data.crop_pct <= 1.0:
+        fail("data.crop_pct", f"must be in (0, 1], got {cfg.data.crop_pct}")
+
+    optim = cfg.optim
+    if not (optim.lr > 0 and math.isfinite(optim.lr)):
+        fail("optim.lr", f"must be a positive number, got {optim.lr}")
+    if optim.min_lr > optim.lr:
+        fail("optim.min_lr", f"({optim.min_lr}) is above optim.lr ({optim.lr}); the cosine decays from lr to min_lr")
+    if optim.warmup_steps >= cfg.train.max_steps:
+        fail("optim.warmup_steps", f"({optim.warmup_steps}) must be below train.max_steps ({cfg.train.max_steps})")
+    if not all(0.0 <= b < 1.0 for b in optim.betas):
+        fail("optim.betas", f"each beta must be in [0, 1), got {list(optim.betas)}")
+    if optim.eps <= 0:
+        fail("optim.eps", f"must be > 0, got {optim.eps}")
+    if optim.layer_decay is not None and not 0.0 < optim.layer_decay <= 1.0:
+        fail("optim.layer_decay", f"must be in (0, 1] (e.g. 0.5 for finetuning), got {optim.layer_decay}")
+
+    train = cfg.train
+    if train.eval_every_steps > 0 and cfg.data.eval_uri is None:
+        fail("train.eval_every_steps", "is set but data.eval_uri is not; set data.eval_uri or eval_every_steps=0")
+    if train.eval_max_batches is not None and train.eval_max_batches <= 0:
+        fail("train.eval_max_batches", f"must be > 0 or null, got {train.eval_max_batches}")
+    if train.ema_decay is not None:
+        if not 0.0 < train.ema_decay < 1.0:
+            fail("train.ema_decay", f"must be in (0, 1), e.g. 0.9998, got {train.ema_decay}")
+        if cfg.data.kind != "image":
+            fail("train.ema_decay", "weight EMA is for vision runs (data.kind=image); remove it for text")
+        if cfg.deepspeed.zero_stage == 3:
+            fail("train.ema_decay", "the EMA keeps full weights on every rank, which ZeRO-3 partitions; "
+                 "use deepspeed.zero_stage 1 or 2 for vision models with EMA")
+
+    ds = cfg.deepspeed
+    if ds.precision == "fp16" and not cfg.scaling.use_gpu:
+        fail("deepspeed.precision", "fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU")
+    if ds.ep_size > 1:
+        if cfg.data.kind != "text":
+            fail("deepspeed.ep_size", "expert parallelism is for MoE language models (data.kind=text)")
+        if ds.zero_stage == 3:
+            fail("deepspeed.ep_size", "expert parallelism does not combine with ZeRO-3; use zero_stage 1 or 2")
+        num_experts = cfg.model.kwargs.get("num_experts")
+        if isinstance(num_experts, int) and num_experts % ds.ep_size:
+            fail("deepspeed.ep_size", f"({ds.ep_size}) must divide model.kwargs.num_experts ({num_experts})")
+        if cfg.scaling.num_workers % ds.ep_size and cfg.scaling.num_workers > 1:
+            fail("deepspeed.ep_size", f"({ds.ep_size}) must divide scaling.num_workers ({cfg.scaling.num_workers})")
+    for dotted, owner in _RAW_OWNED.items():
+        node: Any = ds.raw
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            fail(f"deepspeed.raw.{dotted}", f"is set by {owner}; set it there instead")
+
+    if cfg.data.kind == "text" and "aux_loss_coef" in cfg.model.kwargs \
+            and cfg.model.kwargs["aux_loss_coef"] != train.moe_aux_coef:
+        fail("model.kwargs.aux_loss_coef", f"({cfg.model.kwargs['aux_loss_coef']}) contradicts train.moe_aux_coef "
+             f"({train.moe_aux_coef}); set only train.moe_aux_coef")

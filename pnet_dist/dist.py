@@ -1,0 +1,121 @@
+"""Rank/world helpers over torch.distributed: set-up from the environment, collectives on scalars.
+
+Owns process-group set-up for the two ways a run starts: torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT, LOCAL_RANK in the environment) and Ray Train (the group already exists). A plain
+`python -m pnet_dist.train` without either runs as a world of one on 127.0.0.1. Teardown destroys
+only a group this module created, after an explicit barrier (without it ~1 in 8 two-rank gloo
+runs aborted at exit, see STACK.md).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_CREATED_HERE = False
+
+
+def init_distributed(timeout_s: float = 1800.0) -> None:
+    """Join the process group described by the environment, unless one exists already."""
+    global _CREATED_HERE
+    if dist.is_initialized():
+        # DeepSpeed insists on LOCAL_RANK; a group made by another launcher may not have set it.
+        os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    _CREATED_HERE = True
+
+
+def teardown() -> None:
+    """Barrier, then destroy the process group if this module created it."""
+    global _CREATED_HERE
+    if dist.is_initialized() and _CREATED_HERE:
+        dist.barrier()
+        dist.destroy_process_group()
+        _CREATED_HERE = False
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's compute device: its GPU under CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> list[float]:
+    """Sum a short vector over all ranks in one collective (float64 on the wire); as floats."""
+    tensor = values.detach().to(_collective_device(), torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in place, in one collective."""
+    if not tensors or get_world_size() == 1:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_min(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def broadcast_object(obj):
+    """rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device()
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,279 @@
+"""Per-family task objects: how a batch becomes a loss and metrics, for the one training loop.
+
+A task owns what differs between image classification and causal language modelling: building
+the model (filling num_classes / vocab_size from the dataset, the MoE aux coefficient), building
+the loaders, the training loss of one micro-batch, the sums an eval batch contributes, the
+summary of those sums, and the counted training FLOPs per sample (for MFU).
+
+  ImageClassificationTask: mixup/cutmix + label smoothing as soft targets from
+      pnet_dist.data.mixup_cutmix (its generator is seeded by the loop per micro-batch, see
+      train.micro_batch_seed), soft-target cross-entropy; eval loss, top-1, top-5.
+      FLOPs: counted MACs (pnet_dist.models.counting) x 2 x 3 (forward + backward).
+  CausalLMTask: next-token cross-entropy + the model's MoE aux loss (already scaled by
+      train.moe_aux_coef, passed to the model as aux_loss_coef); eval loss and perplexity.
+      FLOPs: 6 x active parameters x tokens (embedding lookups excluded; top-1 MoE: one expert).
+
+Data URIs: a dataset written by pnet_dist.data (local folder or s3://), or "synthetic:" --
+deterministic random batches made in the training process (no I/O), for benchmarks and smoke
+runs: sample i is a pure function of (data.shuffle_seed, i), and the loader position counts
+global samples, so a resume on another number of ranks continues the same sample stream.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pnet_dist import dist
+from pnet_dist.config import JobConfig
+from pnet_dist.models import create_model
+
+SYNTHETIC = "synthetic:"
+
+
+def build_task(cfg: JobConfig) -> "ImageClassificationTask | CausalLMTask":
+    return ImageClassificationTask(cfg) if cfg.data.kind == "image" else CausalLMTask(cfg)
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """Images go in at the weights' dtype: bf16 weights take bf16 images, fp32 weights (fp32, or
+    bf16 autocast) fp32 ones."""
+    return next(model.parameters()).dtype
+
+
+def soft_target_cross_entropy(logits_BK: torch.Tensor, targets_BK: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_k t_k log softmax(logits)_k (mixup/cutmix/label smoothing)."""
+    return torch.sum(-targets_BK * F.log_softmax(logits_BK.float(), dim=-1), dim=-1).mean()
+
+
+class _Task:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.device = dist.device()
+        self.synthetic = cfg.data.train_uri.startswith(SYNTHETIC)
+
+    def _dataset_info(self) -> dict:
+        if self.synthetic:
+            return {}
+        from pnet_dist.data import dataset_info
+        return dataset_info(self.cfg.data.train_uri)
+
+    def _model_kwargs(self, from_dataset: dict[str, int]) -> dict:
+        """model.kwargs, with the dataset's size filled in where the job does not set it."""
+        kwargs = dict(self.cfg.model.kwargs)
+        for key, value in from_dataset.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(f"model.kwargs.{key}={kwargs[key]} but the dataset {self.cfg.data.train_uri} "
+                                 f"has {key}={value}; remove model.kwargs.{key} or fix it")
+            kwargs.setdefault(key, value)
+        return kwargs
+
+    def count(self, batch) -> tuple[int, int]:
+        """(samples, tokens) in a micro-batch."""
+        return batch[0].shape[0], 0
+
+
+class ImageClassificationTask(_Task):
+    """Images -> logits; soft-target CE for training, CE + top-1/top-5 for eval."""
+
+    eval_keys = ("loss_sum", "top1", "top5", "count")
+
+    def build_model(self) -> nn.Module:
+        info = self._dataset_info()
+        kwargs = self._model_kwargs({"num_classes": info["num_classes"]} if "num_classes" in info else {})
+        model = create_model(self.cfg.model.name, **kwargs)
+        self.num_classes = model.num_classes
+        self.flops_per_sample = 6.0 * _vision_macs(self.cfg.model.name, kwargs, self.cfg.data.image_size)
+        return model
+
+    def build_loaders(self) -> tuple[object, object | None]:
+        data = self.cfg.data
+        if self.synthetic:
+            return _synthetic_loaders(self.cfg, _synthetic_image_sample(self.num_classes, data.image_size))
+        from pnet_dist.data import build_image_loader
+
+        def make(uri: str, train: bool, batch_size: int):
+            return build_image_loader(
+                uri, train=train, batch_size=batch_size, image_size=data.image_size, num_workers=data.num_workers,
+                seed=data.shuffle_seed, crop_pct=data.crop_pct, randaugment_ops=data.randaugment_ops,
+                randaugment_magnitude=data.randaugment_magnitude, hflip=data.hflip,
+                num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train, cache_dir=data.cache_dir)
+        eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
+        return make(data.train_uri, True, data.batch_size), eval_loader
+
+    def train_loss(self, model, batch, *, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch; `seed` drives its mixup/cutmix (see train.micro_batch_seed)."""
+        images, labels = batch
+        data = self.cfg.data
+        if data.mixup_alpha > 0 or data.cutmix_alpha > 0 or data.label_smoothing > 0:
+            from pnet_dist.data import mixup_cutmix
+            generator = torch.Generator().manual_seed(seed)
+            images, targets = mixup_cutmix(images, labels, self.num_classes, mixup_alpha=data.mixup_alpha,
+                                           cutmix_alpha=data.cutmix_alpha, label_smoothing=data.label_smoothing,
+                                           generator=generator)
+        else:
+            targets = F.one_hot(labels, self.num_classes).float()
+        logits = model(images.to(self.device, input_dtype(model), non_blocking=True))
+        loss = soft_target_cross_entropy(logits, targets.to(self.device, non_blocking=True))
+        return loss, {}
+
+    @torch.no_grad()
+    def eval_sums(self, model, batch) -> list[float]:
+        images, labels = batch
+        labels = labels.to(self.device)
+        logits = model(images.to(self.device, input_dtype(model))).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct = top5 == labels[:, None]
+        return [F.cross_entropy(logits, labels, reduction="sum").item(), correct[:, 0].sum().item(),
+                correct.any(dim=-1).sum().item(), labels.numel()]
+
+    @staticmethod
+    def eval_summary(sums: dict[str, float]) -> dict[str, float]:
+        count = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / count, "top1": 100.0 * sums["top1"] / count,
+                "top5": 100.0 * sums["top5"] / count, "samples": sums["count"]}
+
+
+class CausalLMTask(_Task):
+    """Token ids -> next-token logits; CE + MoE aux loss for training, loss + perplexity for eval."""
+
+    eval_keys = ("loss_sum", "count")
+
+    def build_model(self) -> nn.Module:
+        info = self._dataset_info()
+        kwargs = self._model_kwargs({"vocab_size": info["vocab_size"]} if "vocab_size" in info else {})
+        kwargs["aux_loss_coef"] = self.cfg.train.moe_aux_coef
+        model = create_model(self.cfg.model.name, **kwargs)
+        if self.cfg.data.seq_len > model.cfg.max_seq_len:
+            raise ValueError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len="
+                             f"{model.cfg.max_seq_len}; lower data.seq_len or set model.kwargs.max_seq_len")
+        self.vocab_size = model.cfg.vocab_size
+        self.flops_per_sample = 6.0 * active_params(model) * self.cfg.data.seq_len
+        return model
+
+    def build_loaders(self) -> tuple[object, object | None]:
+        data = self.cfg.data
+        if self.synthetic:
+            return _synthetic_loaders(self.cfg, _synthetic_text_sample(self.vocab_size, data.seq_len))
+        from pnet_dist.data import build_text_loader
+
+        def make(uri: str, train: bool, batch_size: int):
+            return build_text_loader(uri, batch_size=batch_size, seq_len=data.seq_len, num_workers=data.num_workers,
+                                     seed=data.shuffle_seed, shuffle=data.shuffle and train,
+                                     num_canonical_nodes=data.num_canonical_nodes, cache_dir=data.cache_dir)
+        eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
+        return make(data.train_uri, True, data.batch_size), eval_loader
+
+    def train_loss(self, model, batch, *, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        input_ids, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        logits, aux_loss = model(input_ids)
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return lm_loss + aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": aux_loss.detach()}
+
+    @torch.no_grad()
+    def eval_sums(self, model, batch) -> list[float]:
+        input_ids, labels = (t.to(self.device) for t in batch)
+        logits, _ = model(input_ids)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        return [loss_sum.item(), labels.numel()]
+
+    @staticmethod
+    def eval_summary(sums: dict[str, float]) -> dict[str, float]:
+        loss = sums["loss_sum"] / max(sums["count"], 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": sums["count"]}
+
+    def count(self, batch) -> tuple[int, int]:
+        return batch[0].shape[0], batch[0].numel()
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters one token passes through: all but the embedding table, one expert per MoE layer."""
+    from pnet_dist.models.moe import moe_layers
+    total = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name.split(".")[0])
+    for layer in moe_layers(model):
+        expert_params = sum(p.numel() for p in layer.experts.parameters())
+        total -= expert_params - expert_params // layer.num_local_experts
+    return total
+
+
+def _vision_macs(name: str, kwargs: dict, image_size: int) -> int:
+    from pnet_dist.models.counting import count_macs, image_input
+    meta_model = create_model(name, device="meta", **kwargs)
+    return sum(count_macs(meta_model, image_input(meta_model, size=image_size)).values())
+
+
+# -- synthetic data ------------------------------------------------------------------------------
+def _synthetic_image_sample(num_classes: int, image_size: int):
+    """sample(generator) -> (image CHW, label): noise around a per-class pattern (learnable)."""
+    patterns = torch.randn(num_classes, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+    def sample(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        label = torch.randint(num_classes, (), generator=generator)
+        return patterns[label] + torch.randn(3, image_size, image_size, generator=generator), label
+    return sample
+
+
+def _synthetic_text_sample(vocab_size: int, seq_len: int):
+    """sample(generator) -> (input ids T, labels T) from a fixed Zipf-like unigram distribution."""
+    probs = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    probs /= probs.sum()
+
+    def sample(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.multinomial(probs, seq_len + 1, replacement=True, generator=generator)
+        return tokens[:-1], tokens[1:]
+    return sample
+
+
+class SyntheticLoader:
+    """Deterministic random batches. Rank r's k-th sample of global micro-batch m is sample
+    m * B * W + r * B + k; the state is the number of global samples consumed.
+
+    num_batches=None: endless (training). Otherwise every iteration starts over and yields
+    num_batches batches (evaluation on a fixed set).
+    """
+
+    def __init__(self, make_sample, batch_size: int, *, seed: int, num_batches: int | None = None):
+        self.make_sample = make_sample
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_batches = num_batches
+        self.samples_consumed = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if self.num_batches is not None:
+            self.samples_consumed = 0
+        while self.num_batches is None or self.samples_consumed < self.num_batches * self.batch_size * world:
+            first = self.samples_consumed + rank * self.batch_size
+            self.samples_consumed += self.batch_size * world
+            pairs = [self.make_sample(torch.Generator().manual_seed(self.seed * 1_000_003 + first + k))
+                     for k in range(self.batch_size)]
+            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless synthetic loader has no length")
+        return self.num_batches
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = state["samples_consumed"]
+
+
+def _synthetic_loaders(cfg: JobConfig, make_sample) -> tuple[SyntheticLoader, SyntheticLoader | None]:
+    data = cfg.data
+    train = SyntheticLoader(make_sample, data.batch_size, seed=data.shuffle_seed)
+    if data.eval_uri is None:
+        return train, None
+    if not data.eval_uri.startswith(SYNTHETIC):
+        raise ValueError(f"data.eval_uri={data.eval_uri!r}: a synthetic train set needs a synthetic eval set "
+                         f"(data.eval_uri: '{SYNTHETIC}')")
+    if cfg.train.eval_max_batches is None:
+        raise ValueError("train.eval_max_batches: a synthetic eval set has no natural size; set it")
+    return train, SyntheticLoader(make_sample, data.eval_batch_size, seed=data.shuffle_seed + 1,
+                                  num_batches=cfg.train.eval_max_batches)

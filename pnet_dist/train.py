@@ -1,0 +1,473 @@
+"""The training loop: one loop for both model families, resumable, preemptible, on every rank.
+
+`train_worker(cfg)` runs on each rank (under torchrun, Ray Train, or alone). Reading order:
+`train_step` (one optimizer step over the micro-batches, one collective for its statistics),
+then `Trainer`: set-up from the config (model, engine, loaders, checkpoints, metrics), and `fit`
+-- resume from the newest complete checkpoint, then per step: account, reload if needed, eval,
+checkpoint, stop check -- then the final eval.
+
+What the loop guarantees:
+- Resume is exact: the checkpoint holds the engine (weights, optimizer, LR schedule), the loader
+  position, counters, RNG states and the EMA. Randomness inside a step (dropout, drop-path,
+  mixup/cutmix) is seeded per micro-batch from (seed, step, place in the global batch), and
+  BatchNorm running statistics are averaged over ranks every step (ZeRO syncs weights, not
+  buffers, and a checkpoint holds rank 0's). A run stopped at step k and resumed reproduces the
+  uninterrupted run's losses and eval bit for bit on the same world size.
+- Preemption: SIGTERM (Ray, spot termination, torchrun forwarding it) or a spot interruption
+  notice sets a flag; the ranks agree on it in the step's one collective, finish that step,
+  checkpoint, and return with result["preempted"] = True.
+- Non-finite loss: the step is skipped (DeepSpeed's overflow check discards the gradients; see
+  engine.poison_nonfinite) and counted; after train.max_nonfinite_in_row skipped steps in a row
+  the weights, optimizer and counters are reloaded from the last complete checkpoint while the
+  loader keeps its position, so the batches that diverged are not replayed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from pnet_dist import dist
+from pnet_dist.checkpoint import CheckpointManager
+from pnet_dist.config import JobConfig, load_config, save_resolved
+from pnet_dist.engine import build_engine, poison_nonfinite
+from pnet_dist.log import get_logger
+from pnet_dist.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_rank
+from pnet_dist.models.moe import moe_stats
+from pnet_dist.optim import ModelEma
+from pnet_dist.tasks import build_task
+
+log = get_logger("pnet_dist.train")  # not __name__: "__main__" under python -m
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+    step: int = 0                  # optimizer steps taken (applied or skipped)
+    samples: int = 0               # global samples consumed
+    tokens: int = 0                # global tokens consumed (language models)
+    nonfinite_total: int = 0       # steps skipped for a non-finite loss
+    nonfinite_in_row: int = 0
+    reloads: int = 0               # reloads of the last checkpoint after a non-finite streak
+
+
+@dataclass
+class StepResult:
+    loss: float                    # mean over micro-batches and ranks (nan if any was non-finite)
+    extras: dict[str, float]       # task metrics, same averaging
+    lr: float                      # the (largest group's) lr this step used
+    nonfinite: bool                # some rank had a non-finite loss: the step was skipped
+    applied: bool                  # the optimizer updated the weights
+    stop: bool                     # some rank was asked to stop (SIGTERM / spot notice)
+
+
+def train_step(engine, task, micro_batches: list, step: int, seed: int) -> StepResult:
+    """Forward/backward over the micro-batches, one optimizer step, one collective for the stats."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    lr = max(engine.get_lr())
+    buffers = [b.clone() for b in engine.module.buffers()]  # BatchNorm statistics; none in the LMs
+    loss_sum = torch.zeros((), device=task.device)
+    nonfinite = torch.zeros((), device=task.device)
+    extras_sum: dict[str, torch.Tensor] = {}
+    for micro, batch in enumerate(micro_batches):
+        batch_seed = micro_batch_seed(seed, step, micro * world_size + rank)
+        torch.manual_seed(batch_seed)  # dropout / drop-path masks
+        loss, extras = task.train_loss(engine, batch, seed=batch_seed)
+        engine.backward(poison_nonfinite(loss))
+        engine.step()
+        loss_sum += loss.detach()
+        nonfinite += (~torch.isfinite(loss.detach())).float()
+        for key, value in extras.items():
+            extras_sum[key] = extras_sum.get(key, 0.0) + value
+    stop = torch.tensor(float(stop_requested()), device=task.device)
+    totals = dist.all_reduce_sum(torch.stack([loss_sum, nonfinite, stop, *extras_sum.values()]))
+    num = len(micro_batches) * world_size
+    if totals[1] > 0:  # the forward passes also ran BatchNorm statistics through the NaNs
+        for live, saved in zip(engine.module.buffers(), buffers):
+            live.copy_(saved)
+    else:  # ZeRO keeps weights equal across ranks but not buffers; checkpoints hold rank 0's
+        dist.average_([b for b in engine.module.buffers() if b.is_floating_point()])
+    return StepResult(loss=math.nan if totals[1] > 0 else totals[0] / num,
+                      extras={k: v / num for k, v in zip(extras_sum, totals[3:])}, lr=lr,
+                      nonfinite=totals[1] > 0, applied=engine.was_step_applied(), stop=totals[2] > 0)
+
+
+def train_worker(cfg: JobConfig, task=None) -> dict:
+    """Train `cfg` on this rank to train.max_steps (or until preempted); see the module docstring.
+
+    `task` defaults to build_task(cfg); tests pass one whose loaders they wrap.
+    """
+    dist.init_distributed()
+    _STOP.clear()
+    stop_signals = StopSignals(cfg.train.watch_spot_interruption)  # a SIGTERM during set-up counts too
+    try:
+        trainer = Trainer(cfg, task or build_task(cfg))
+        try:
+            result = trainer.fit()
+        finally:
+            trainer.writer.close()
+    finally:
+        stop_signals.close()
+    dist.teardown()
+    return result
+
+
+class Trainer:
+    """Everything one rank trains with, built from the config; `fit` is the loop."""
+
+    def __init__(self, cfg: JobConfig, task):
+        self.cfg, self.task = cfg, task
+        world_size = dist.get_world_size()
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = task.build_model()
+        if cfg.train.init_from:
+            load_init_weights(model, cfg.train.init_from)
+        self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.engine = build_engine(cfg, model, world_size)
+        if self.ema is not None:
+            self.ema.module.to(task.device)
+        self.train_loader, self.eval_loader = task.build_loaders()
+        self.ckpt = CheckpointManager(cfg.run_uri, cfg.checkpoint.keep_last, cfg.checkpoint.async_upload,
+                                      cfg.checkpoint.upload_timeout_s, model_name=cfg.model.name,
+                                      model_kwargs=cfg.model.kwargs)
+        self.writer = MetricsWriter(cfg.metrics.logdir, enabled=dist.is_main(), sync_every_s=cfg.metrics.sync_every_s)
+        self.meter = ThroughputMeter(task.flops_per_sample, world_size=world_size,
+                                     peak_flops=peak_flops_per_rank(task.device, cfg.deepspeed.precision,
+                                                                    cfg.metrics.peak_tflops_per_rank))
+        self.state = TrainState()
+        self.interval_losses: list[float] = []
+        if dist.is_main():
+            save_resolved(cfg)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resumed_from = dist.broadcast_object(self.ckpt.latest_complete() if dist.is_main() else None)
+        if resumed_from is not None:
+            self.restore(resumed_from, restore_loader=True)
+            log.info("resumed from checkpoint step %d", resumed_from)
+        batches = BatchStream(self.train_loader)
+        losses: dict[int, float] = {}
+        eval_results: dict = {}
+        preempted, evaluated_at = False, None
+        applied_since_reload = True
+        while self.state.step < cfg.train.max_steps:
+            data_wait_s, micro_batches = batches.next(cfg.deepspeed.grad_accum_steps)
+            result = train_step(self.engine, self.task, micro_batches, self.state.step, cfg.train.seed)
+            self.account(result, micro_batches, data_wait_s)
+            step, nonfinite_in_row = self.state.step, self.state.nonfinite_in_row
+            losses[step] = result.loss
+            applied_since_reload = applied_since_reload or result.applied
+
+            if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                if not applied_since_reload:
+                    raise RuntimeError(f"step {step}: {nonfinite_in_row} non-finite losses in a row right after "
+                                       "reloading the last checkpoint; lower optim.lr or check the data")
+                self.reload_after_nonfinite()
+                applied_since_reload = False
+                continue
+            if self.eval_loader is not None and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
+                eval_results, evaluated_at = self.evaluate(), step
+            if result.stop or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+                self.save()
+            if result.stop:
+                preempted = True
+                log.warning("stop requested (%s): checkpointed step %d, exiting",
+                            _STOP.reason or "on another rank", step)
+                break
+
+        if not preempted and self.eval_loader is not None and evaluated_at != self.state.step:
+            eval_results = self.evaluate()
+        wait_started = time.perf_counter()
+        self.ckpt.wait()
+        self.writer.scalars(self.state.step, {"ckpt/final_upload_wait_s": time.perf_counter() - wait_started})
+        last_loss = losses[max(losses)] if losses else math.nan
+        return {"step": self.state.step, "loss": last_loss, "losses": losses, "eval": eval_results,
+                "resumed_from": resumed_from, "preempted": preempted,
+                "nonfinite_steps": self.state.nonfinite_total, "reloads": self.state.reloads}
+
+    def account(self, result: StepResult, micro_batches: list, data_wait_s: float) -> None:
+        """Counters, EMA, the skipped-step bookkeeping and logging after one step."""
+        state, world_size = self.state, dist.get_world_size()
+        state.step += 1
+        num_samples, num_tokens = (n * len(micro_batches) for n in self.task.count(micro_batches[0]))
+        state.samples += num_samples * world_size
+        state.tokens += num_tokens * world_size
+        self.meter.add(data_wait_s=data_wait_s, samples=num_samples, tokens=num_tokens)
+        if result.applied:
+            state.nonfinite_in_row = 0
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+        else:
+            # DeepSpeed skips the LR scheduler on a skipped step; keep lr a function of the step.
+            self.engine.lr_scheduler.step()
+        if result.nonfinite:
+            assert not result.applied, "DeepSpeed applied a step with non-finite gradients"
+            state.nonfinite_total += 1
+            state.nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, state.nonfinite_in_row)
+        else:
+            self.interval_losses.append(result.loss)
+        if state.step % self.cfg.metrics.log_every_steps == 0 or state.step % self.cfg.train.log_every_steps == 0:
+            self.log_step(result)
+
+    def log_step(self, result: StepResult) -> None:
+        cfg, state = self.cfg, self.state
+        losses, self.interval_losses = self.interval_losses, []
+        grad_norm = self.engine.get_global_grad_norm()
+        values = {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/lr": result.lr,
+                  "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "train/nonfinite_total": state.nonfinite_total, "train/samples": state.samples,
+                  **{f"train/{k}": v for k, v in result.extras.items()}, **self.meter.summary()}
+        if state.tokens:
+            values["train/tokens"] = state.tokens
+        values.update(moe_stats(self.engine.module))
+        if state.step % cfg.metrics.log_every_steps == 0:
+            self.writer.scalars(state.step, values)
+        if state.step % cfg.train.log_every_steps == 0 and dist.is_main():
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.1f samples/s data_wait %.0f%%", state.step,
+                     cfg.train.max_steps, values["train/loss"], values["train/lr"], values["train/grad_norm"],
+                     values["perf/samples_per_s"], 100 * values["perf/data_wait_frac"])
+
+    def evaluate(self) -> dict:
+        max_batches = self.cfg.train.eval_max_batches
+        results = {"model": evaluate(self.task, self.engine, self.eval_loader, max_batches)}
+        if self.ema is not None:
+            results["ema"] = evaluate(self.task, self.ema.module, self.eval_loader, max_batches)
+        for name, metrics in results.items():
+            prefix = "eval" if name == "model" else "eval_ema"
+            self.writer.scalars(self.state.step, {f"{prefix}/{key}": value for key, value in metrics.items()})
+        if dist.is_main():
+            log.info("step %d eval: %s", self.state.step, json.dumps(results))
+        self.meter.restart()
+        return results
+
+    def save(self) -> None:
+        wait_started = time.perf_counter()
+        self.ckpt.wait()  # the previous upload; save() would wait too -- timed apart from the save itself
+        save_started = time.perf_counter()
+        client_state = {"train_state": asdict(self.state), "loader": self.train_loader.state_dict(),
+                        "rng": rng_states(), "ema": self.ema.state_dict() if self.ema is not None else None}
+        self.ckpt.save(self.engine, self.state.step, client_state)
+        self.writer.scalars(self.state.step, {"ckpt/upload_wait_s": save_started - wait_started,
+                                              "ckpt/save_s": time.perf_counter() - save_started})
+        self.meter.restart()
+
+    def restore(self, step: int, restore_loader: bool) -> None:
+        """Load checkpoint `step` into the engine, counters, EMA, RNG (and the loader position)."""
+        saved = self.ckpt.load(self.engine, step)
+        self.state = TrainState(**saved["train_state"])
+        if restore_loader:
+            self.train_loader.load_state_dict(saved["loader"])
+        if self.ema is not None and saved["ema"] is not None:
+            self.ema.load_state_dict(saved["ema"])
+        elif self.ema is not None:
+            log.warning("checkpoint step %d has no EMA weights (train.ema_decay was off); the EMA starts now", step)
+            self.ema.reset(self.engine.module)
+        set_rng_states(saved["rng"])
+
+    def reload_after_nonfinite(self) -> None:
+        """Back to the last complete checkpoint; the loader keeps its position (bad batches are not replayed)."""
+        failed = self.state
+        self.ckpt.wait()
+        step = dist.broadcast_object(self.ckpt.latest_complete() if dist.is_main() else None)
+        if step is None:
+            raise RuntimeError(f"step {failed.step}: {failed.nonfinite_in_row} non-finite losses in a row and no "
+                               f"complete checkpoint under {self.cfg.run_uri} to reload; lower optim.lr or "
+                               "checkpoint more often")
+        log.warning("step %d: %d non-finite losses in a row; reloading checkpoint step %d and continuing with "
+                    "the next batches", failed.step, failed.nonfinite_in_row, step)
+        self.restore(step, restore_loader=False)
+        self.state.nonfinite_total = failed.nonfinite_total
+        self.state.reloads = failed.reloads + 1
+        self.meter.restart()
+
+
+# -- pieces of the loop ------------------------------------------------------------------------
+def load_init_weights(model: torch.nn.Module, uri: str) -> None:
+    """Start from an export (tools/export_checkpoint.py); tensors whose shape differs -- a head for
+    another number of classes -- keep their fresh initialisation."""
+    from pnet_dist.export import load_exported_state_dict
+    state = load_exported_state_dict(uri)
+    own = model.state_dict()
+    unexpected, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+    if unexpected or missing:
+        raise ValueError(f"train.init_from={uri}: the export does not fit the model ({len(missing)} names missing, "
+                         f"e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); check model.name")
+    reshaped = [name for name in state if state[name].shape != own[name].shape]
+    for name in reshaped:
+        log.warning("init_from: %s has shape %s in the export and %s in the model; keeping its fresh init",
+                    name, tuple(state[name].shape), tuple(own[name].shape))
+        del state[name]
+    model.load_state_dict(state, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(state), len(own), uri)
+
+
+class BatchStream:
+    """Endless micro-batches across epochs, with the time spent waiting for them."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.iterator = iter(loader)
+
+    def next(self, count: int) -> tuple[float, list]:
+        started = time.perf_counter()
+        batches = []
+        while len(batches) < count:
+            try:
+                batches.append(next(self.iterator))
+            except StopIteration:
+                self.iterator = iter(self.loader)
+        return time.perf_counter() - started, batches
+
+
+def evaluate(task, model, loader, max_batches: int | None) -> dict[str, float]:
+    """Eval metrics over the same number of batches on every rank (ZeRO-3 forwards are collective)."""
+    if max_batches is None:
+        try:
+            max_batches = len(loader)
+        except TypeError as exc:
+            raise ValueError("the eval loader has no length; set train.eval_max_batches") from exc
+    num_batches = dist.all_reduce_min(max_batches)
+    was_training = model.training
+    model.eval()
+    sums = [0.0] * len(task.eval_keys)
+    for _, batch in zip(range(num_batches), loader):
+        sums = [a + b for a, b in zip(sums, task.eval_sums(model, batch))]
+    model.train(was_training)
+    totals = dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64))
+    return task.eval_summary(dict(zip(task.eval_keys, totals)))
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def micro_batch_seed(seed: int, step: int, position: int) -> int:
+    """Seed of one micro-batch's randomness (dropout, drop-path, mixup/cutmix): a pure function of
+    its place in the step's global batch, position = micro * world_size + rank -- the order in
+    which the loaders hand out a global batch -- so the same global batch split over any number
+    of ranks and accumulation steps draws the same masks and mixing."""
+    return ((seed * 1_000_003 + step) * 65_537 + position) % 2**63
+
+
+# -- stop requests: SIGTERM and the spot interruption notice -----------------------------------
+class _StopFlag(threading.Event):
+    reason = ""
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
+_STOP = _StopFlag()
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running loop to finish its step, checkpoint and return (preempted=True)."""
+    _STOP.request(reason)
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+class StopSignals:
+    """SIGTERM handler (main thread only) and the optional spot-notice watcher, for one run."""
+
+    def __init__(self, watch_spot: bool):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
+        else:
+            log.warning("not in the main thread: SIGTERM is not handled here; call pnet_dist.train.request_stop()")
+        self._watcher = SpotWatcher() if watch_spot else None
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        if self._watcher is not None:
+            self._watcher.close()
+
+
+class SpotWatcher:
+    """Polls the EC2 instance metadata service (IMDSv2) for a spot interruption notice.
+
+    AWS posts spot/instance-action about two minutes before reclaiming the instance; the watcher
+    then requests a stop, which the loop serves like SIGTERM. Off unless
+    train.watch_spot_interruption is true.
+    """
+
+    def __init__(self, endpoint: str = "http://169.254.169.254", interval_s: float = 5.0):
+        self.endpoint = endpoint.rstrip("/")
+        self.interval_s = interval_s
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spot-watcher", daemon=True)
+        self._thread.start()
+
+    def notice(self) -> str | None:
+        """The instance-action document if an interruption is scheduled, else None."""
+        token_request = urllib.request.Request(f"{self.endpoint}/latest/api/token", method="PUT",
+                                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        with urllib.request.urlopen(token_request, timeout=2) as response:
+            token = response.read().decode()
+        action_request = urllib.request.Request(f"{self.endpoint}/latest/meta-data/spot/instance-action",
+                                                headers={"X-aws-ec2-metadata-token": token})
+        try:
+            with urllib.request.urlopen(action_request, timeout=2) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # no interruption scheduled
+                return None
+            raise
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval_s):
+            try:
+                notice = self.notice()
+            except OSError as exc:
+                log.warning("spot watcher: metadata service unreachable at %s: %s", self.endpoint, exc)
+                continue
+            if notice:
+                request_stop(f"spot interruption notice {notice}")
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m pnet_dist.train JOB.yaml [key=value ...]   (under torchrun for several ranks)")
+        return 0 if args else 2
+    result = train_worker(load_config(args[0], args[1:]))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Export tool round trip: checkpoints of real DeepSpeed engines (ZeRO-2/3, MoE format, local and
+S3) -> tools/export_checkpoint.py -> create_model(...) loads the fp32 state dict without DeepSpeed;
+a dense LLaMA's hf/ folder loads into transformers' LlamaForCausalLM with the same logits."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pnet_dist.checkpoint import CheckpointManager
+from pnet_dist.export import STATE_DICT_FILE, export_checkpoint, load_exported_state_dict
+from pnet_dist.models import create_model
+from pnet_dist.storage import open_storage
+
+pytestmark = pytest.mark.dist  # DeepSpeed engines + zero_to_fp32 subprocesses
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import export_checkpoint as export_tool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group for in-process DeepSpeed engines."""
+    owned = not dist.is_initialized()
+    saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # DeepSpeed's launcher check
+    if owned:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    if owned:
+        dist.destroy_process_group()
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def train_and_save(model_name: str, stage: int, root: str, loss_fn, num_steps: int = 2):
+    """Train a registered model a few steps with DeepSpeed, checkpoint it; returns its full state."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    model = create_model(model_name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for step in range(num_steps):
+        engine.backward(loss_fn(engine, torch.Generator().manual_seed(step)))
+        engine.step()
+    manager = CheckpointManager(root, keep_last=1, async_upload=True, model_name=model_name)
+    ema = {name: t.detach() * 0.5 if t.is_floating_point() else t for name, t in engine.module.state_dict().items()}
+    manager.save(engine, num_steps, {"step": num_steps, "ema": ema})
+    manager.wait()
+    expected = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
+    expected.update({name: b.clone() for name, b in engine.module.named_buffers()})
+    return expected
+
+
+def image_loss(engine, gen):
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    return torch.nn.functional.cross_entropy(engine(images), torch.randint(0, 10, (2,), generator=gen))
+
+
+def text_loss(engine, gen):
+    ids = torch.randint(0, 512, (2, 9), generator=gen)
+    logits, aux = engine(ids[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + aux
+
+
+def assert_loads_as(out_dir: Path, model_name: str, expected: dict) -> torch.nn.Module:
+    state_dict = torch.load(out_dir / STATE_DICT_FILE, weights_only=True)
+    model = create_model(model_name)
+    model.load_state_dict(state_dict, strict=True)
+    full = dict(model.state_dict())
+    assert full.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(full[name], value.to(full[name].dtype)), name
+    return model
+
+
+def test_zero2_vision_checkpoint_exports_weights_batchnorm_buffers_and_ema(process_group, tmp_path):
+    expected = train_and_save("parameternet_debug", 2, str(tmp_path / "run"), image_loss)
+    assert any("running_mean" in name for name in expected)
+    export_tool.main([str(tmp_path / "run"), str(tmp_path / "out")])
+    assert_loads_as(tmp_path / "out", "parameternet_debug", expected)
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert info["model"] == {"name": "parameternet_debug", "kwargs": {}} and info["step"] == 2
+    with pytest.raises(ValueError, match="LLaMA variants only"):
+        export_tool.main([str(tmp_path / "run"), str(tmp_path / "out2"), "--hf"])
+
+    export_tool.main([str(tmp_path / "run"), str(tmp_path / "ema"), "--ema-key", "ema"])
+    halved = {name: t * 0.5 if t.is_floating_point() else t for name, t in expected.items()}
+    assert_loads_as(tmp_path / "ema", "parameternet_debug", halved)
+
+
+def test_zero3_llama_from_s3_exports_a_transformers_folder(process_group, tmp_path, s3_bucket):
+    expected = train_and_save("llama_debug", 3, f"{s3_bucket}/llama", text_loss)
+    export_checkpoint(f"{s3_bucket}/llama", f"{s3_bucket}/export", hf=True)
+    storage = open_storage(f"{s3_bucket}/export")
+    for key in storage.list():
+        storage.get_file(key, tmp_path / "out" / key)
+    assert load_exported_state_dict(f"{s3_bucket}/export").keys() == expected.keys()
+    ours = assert_loads_as(tmp_path / "out", "llama_debug", expected)
+
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), torch_dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_moe_checkpoint_exports_every_expert(process_group, tmp_path):
+    expected = train_and_save("pnet_llama_debug_up_e4", 1, str(tmp_path / "run"), text_loss)
+    manifest = json.loads((tmp_path / "run" / "ckpt" / "step_00000002" / "MANIFEST.json").read_text())
+    assert manifest["format"] == "moe"
+    export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--hf"])
+    assert_loads_as(tmp_path / "out", "pnet_llama_debug_up_e4", expected)
+    config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert config["model_type"] == "pnet_llama" and config["num_experts"] == 4
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "out" / "hf" / "model.safetensors")).keys() == expected.keys()
+
+
+def test_export_with_the_wrong_model_names_the_mismatch(process_group, tmp_path):
+    train_and_save("llama_debug", 1, str(tmp_path / "run"), text_loss, num_steps=1)
+    with pytest.raises(ValueError, match="does not fit create_model"):
+        export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--model", "parameternet_debug"])
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        export_tool.main([str(tmp_path / "empty"), str(tmp_path / "out")])

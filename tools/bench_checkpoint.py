@@ -1,0 +1,182 @@
+"""Benchmark the checkpoint path against its baselines, in one run, on this machine.
+
+Rows (ratios, each the median of --repeats measurements):
+  stall / sync save      time the training loop loses to one asynchronous checkpoint
+                         (CheckpointManager, async_upload=True): the save() call plus the extra
+                         time of every step run while the upload is in flight, over the median
+                         step just before; divided by the wall time of a synchronous save (save +
+                         upload + manifest) of the same state. Target <= 0.10.
+  upload throughput      bytes/s of CheckpointManager's upload (from save() returning to wait()
+                         returning: upload, sha256, receipts, MANIFEST, COMPLETE) over bytes/s of a
+                         raw boto3 upload_file of the same files. Target >= 0.9.
+
+A moto S3 server is started on 127.0.0.1 in its own process (it would otherwise share the GIL with
+the training loop). One DeepSpeed rank (ZeRO-1, gloo, torch AdamW) trains an MLP on one torch
+thread, as a GPU job's host thread would leave CPU to I/O; on this CPU-only machine every cycle the
+upload (sha256, HTTP) and the moto server take still slows the training loop, and counts as stall.
+
+    python tools/bench_checkpoint.py [--params-m 12] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("PNET_LOG_LEVEL", "WARNING")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto_server did not start within 30 s")
+
+
+def build_engine(params_m: float):
+    import deepspeed
+    width = int((params_m * 1e6 / 4) ** 0.5)  # four width x width layers
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(width, width), nn.GELU())])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, width
+
+
+def step_times(engine, width: int, num_steps: int) -> list[float]:
+    x = torch.randn(32, width)
+    times = []
+    for _ in range(num_steps):
+        started = time.perf_counter()
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def stall_of_one_async_checkpoint(engine, width: int, manager, step: int, num_base_steps: int) -> float:
+    """Seconds the loop lost to one async checkpoint: the save() call plus how much longer the
+    steps ran while the upload was in flight, against the median step just before."""
+    base_s = statistics.median(step_times(engine, width, num_base_steps))
+    started = time.perf_counter()
+    manager.save(engine, step, {"step": step})
+    lost = time.perf_counter() - started
+    while manager.uploading():
+        lost += step_times(engine, width, 1)[0] - base_s
+    started = time.perf_counter()
+    manager.wait()
+    return lost + time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params-m", type=float, default=12.0, help="model size in millions of parameters")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base-steps", type=int, default=10, help="steps timed before each checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    moto, endpoint = start_moto()
+    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        import boto3
+        import torch.distributed as dist
+        from boto3.s3.transfer import TransferConfig
+
+        from pnet_dist.checkpoint import CheckpointManager
+        dist.init_process_group("gloo")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bench")
+        engine, width = build_engine(args.params_m)
+        step_times(engine, width, 5)  # warm-up
+        step_s = statistics.median(step_times(engine, width, 20))
+
+        counter = iter(range(1, 10**6))
+        sync_s, stall, ours_s, raw_s = [], [], [], []
+        num_bytes = 0
+        for repeat in range(args.repeats):
+            # synchronous save: what the training loop would wait for without the background upload
+            sync = CheckpointManager(f"s3://bench/sync{repeat}", keep_last=1, async_upload=False)
+            sync.latest_complete()  # as the engine does at start (resume); creates the S3 client
+            started = time.perf_counter()
+            sync.save(engine, next(counter), {"step": 0})
+            sync_s.append(time.perf_counter() - started)
+
+            manager = CheckpointManager(f"s3://bench/async{repeat}", keep_last=1, async_upload=True)
+            manager.latest_complete()
+            stall.append(stall_of_one_async_checkpoint(engine, width, manager, next(counter), args.base_steps))
+
+            # upload throughput: ours (no training running) vs raw boto3 of the same files
+            step = next(counter)
+            manager.save(engine, step, {"step": step})
+            started = time.perf_counter()
+            manager.wait()
+            ours_s.append(time.perf_counter() - started)
+            manifest = manager.manifest(step)
+            num_bytes = sum(meta["size"] for meta in manifest["files"].values())
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="raw", client_state={}, save_latest=False)
+                torch.save({"step": step}, Path(tmp) / "raw" / "client_state_rank_00000.pt")
+                files = sorted(p for p in (Path(tmp) / "raw").rglob("*") if p.is_file())
+                assert abs(sum(p.stat().st_size for p in files) - num_bytes) < 4096, "baseline bytes differ"
+                started = time.perf_counter()
+                for path in files:
+                    client.upload_file(str(path), "bench", f"raw{repeat}/{path.name}", Config=TransferConfig())
+                raw_s.append(time.perf_counter() - started)
+                for path in files:
+                    client.delete_object(Bucket="bench", Key=f"raw{repeat}/{path.name}")
+            shutil.rmtree(Path(tempfile.gettempdir()) / "pnet_dist_staging", ignore_errors=True)
+
+        sync_med, stall_med = statistics.median(sync_s), statistics.median(stall)
+        ours_med, raw_med = statistics.median(ours_s), statistics.median(raw_s)
+        print(f"\nmodel {args.params_m:g}M params, checkpoint {num_bytes / 1e6:.1f} MB, step {step_s * 1e3:.1f} ms, "
+              f"{args.repeats} repeats (medians), moto on {endpoint}, {os.cpu_count()} CPU cores\n")
+        print("| metric | ours | baseline | ratio | target |")
+        print("|---|---|---|---|---|")
+        print(f"| training stall per checkpoint: async vs sync save | {stall_med:.3f} s | {sync_med:.3f} s | "
+              f"{stall_med / sync_med:.3f} | <= 0.10 |")
+        print(f"| upload throughput vs raw boto3 upload_file | {num_bytes / ours_med / 1e6:.1f} MB/s | "
+              f"{num_bytes / raw_med / 1e6:.1f} MB/s | {raw_med / ours_med:.3f} | >= 0.9 |")
+        print(f"\nraw seconds: sync {[round(s, 3) for s in sync_s]}, stall {[round(s, 3) for s in stall]}, "
+              f"ours upload {[round(s, 3) for s in ours_s]}, raw upload {[round(s, 3) for s in raw_s]}")
+        dist.destroy_process_group()
+    finally:
+        moto.kill()
+        moto.wait()
+
+
+if __name__ == "__main__":
+    main()
