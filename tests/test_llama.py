@@ -164,11 +164,17 @@ def test_moe_model_trains_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_bf16_autocast_forward():
-    model = create_model("pnet_llama_debug_gate_e4")
+@pytest.mark.parametrize("name", ["pnet_llama_debug_gate_e4", "pnet_llama_debug_down_e4"])
+def test_bf16_autocast_forward_and_backward(name):
+    model = create_model(name, capacity_factor=1.0)
+    ids = torch.randint(0, 512, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, aux = model(torch.randint(0, 512, (1, 8)))
+        logits, aux = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()) + aux
     assert logits.dtype == torch.bfloat16 and aux.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "router" in n)
 
 
 def test_bad_configs_raise_value_error():
@@ -182,3 +188,12 @@ def test_bad_configs_raise_value_error():
         LlamaConfig(moe_placement="up", num_experts=4, aux_loss_mode="sum")
     with pytest.raises(ValueError, match="max_seq_len"):
         create_model("llama_debug")(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_active_params_count_one_expert_and_no_embedding_table():
+    dense = create_model("llama_1b", device="meta")
+    moe = create_model("pnet_llama_1b_up_e8", device="meta")
+    assert dense.num_active_params() == _num_params("llama_1b") - 32000 * 2048
+    # per layer the MoE adds its router (2048 x 8) and the chosen expert's bias (8192)
+    assert moe.num_active_params() - dense.num_active_params() == 12 * (2048 * 8 + 8192)
+    assert dense.train_flops_per_token(2048) == 6 * dense.num_active_params() + 12 * 12 * 2048 * 2048

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -79,14 +79,14 @@ def _pure_torch_ep(rank: int, out: dict) -> None:
                                       for n, p in reloaded.state_dict().items())
 
 
-def _engine(ep_size: int, zero_stage: int):
+def _engine(ep_size: int, zero_stage: int, bf16: bool = False):
     import deepspeed
     from pnet_dist.models import create_model
     from pnet_dist.moe_deepspeed import check_moe_deepspeed_config, moe_param_groups, setup_expert_parallel
 
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 1.0,
-              "steps_per_print": 10 ** 9}
+              "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
     check_moe_deepspeed_config(config, ep_size)
     model = create_model(MODEL, device="meta")
     setup_expert_parallel(model, ep_size)
@@ -170,6 +170,24 @@ def _checkpoint_roundtrip(rank: int, out: dict, ckpt_root: str) -> None:
             losses=_train(engine, rank, range(2, 5)))
 
 
+def _bf16_checkpoint_roundtrip(rank: int, out: dict, ckpt_root: str) -> None:
+    """bf16 weights with fp32 masters (the language recipe): EP=2 save, EP=2 and EP=1 resume."""
+    import torch.distributed as dist
+    from pnet_dist.moe_deepspeed import load_checkpoint, save_checkpoint
+
+    root = [ckpt_root]
+    dist.broadcast_object_list(root, src=0)
+    engine = _engine(2, 2, bf16=True)
+    _train(engine, rank, range(2))
+    save_checkpoint(engine, root[0], "bf16_step2")
+    out["bf16_reference"] = _train(engine, rank, range(2, 4))
+    out["bf16_param_dtype"] = str(next(engine.module.parameters()).dtype)
+    for ep_size in (2, 1):
+        engine = _engine(ep_size, 2, bf16=True)
+        load_checkpoint(engine, root[0], "bf16_step2")
+        out[f"bf16_ep{ep_size}"] = _train(engine, rank, range(2, 4))
+
+
 def _worker(rank: int, port: int, ckpt_root: str, result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), OMP_NUM_THREADS="1")
@@ -177,27 +195,26 @@ def _worker(rank: int, port: int, ckpt_root: str, result_dir: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    # A rank that fails leaves its peer waiting in a collective: fail in a minute, not ten.
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    # A rank that fails leaves its peer waiting in a collective: fail in minutes, not ten.
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     out: dict = {}
     _pure_torch_ep(rank, out)
     _deepspeed_ep_vs_dp(rank, out)
     _checkpoint_roundtrip(rank, out, ckpt_root)
+    _bf16_checkpoint_roundtrip(rank, out, ckpt_root)
     torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results():
+    # DeepSpeed JIT-builds (or loads from TORCH_EXTENSIONS_DIR) its shm comm op in every
+    # init_distributed; doing it here first keeps a cold build out of the ranks' rendezvous.
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
     with tempfile.TemporaryDirectory() as ckpt_root, tempfile.TemporaryDirectory() as result_dir:
-        mp.start_processes(_worker, args=(_free_port(), ckpt_root, result_dir), nprocs=WORLD_SIZE,
+        mp.start_processes(_worker, args=(free_port(), ckpt_root, result_dir), nprocs=WORLD_SIZE,
                            start_method="spawn")
         yield [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
                for r in range(WORLD_SIZE)]
@@ -244,6 +261,14 @@ def test_checkpoint_saved_with_ep2_resumes_at_ep2_and_ep1(results):
         assert ep2["losses"] == out["ckpt_reference"]                       # same topology: exact
         for loss, reference in zip(ep1["losses"], out["ckpt_reference"]):
             assert loss == pytest.approx(reference, rel=1e-5)
+
+
+def test_bf16_checkpoint_saved_with_ep2_resumes_at_ep2_and_ep1(results):
+    for out in results:
+        assert out["bf16_param_dtype"] == "torch.bfloat16"
+        assert out["bf16_ep2"] == out["bf16_reference"]
+        for loss, reference in zip(out["bf16_ep1"], out["bf16_reference"]):
+            assert loss == pytest.approx(reference, rel=2e-3)   # bf16 matmuls over other batch splits
 
 
 def test_zero3_and_other_unsupported_settings_are_rejected_with_the_alternative():

@@ -17,6 +17,10 @@ biases, unit norms) from a generator seeded by (seed, parameter name), so a mode
 meta device, moved with to_empty() and initialised gets the same weights at any expert-parallel
 layout (expert names carry the global expert index).
 
+For throughput logging: `model.num_active_params()` (what one token's matmuls use: no embedding
+table, one expert per MoE layer, independent of ep_size) and `model.train_flops_per_token(seq_len)`
+= 6 * active params + 12 * layers * dim * seq_len (PaLM's attention term).
+
 Blocks never branch on the FFN type: `build_ffn` is the one seam that picks dense or MoE per
 projection; every projection returns (y, RouterBalance | None).
 

@@ -219,8 +219,8 @@ def _sorted_position(order_K: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 def _gather_with_zero_row(src_KD: torch.Tensor, position_N: torch.Tensor) -> torch.Tensor:
-    """src[position[n]], zero where position[n] == K. Gathers only: index_copy/index_add are
-    several times slower on CPU and need a zero-filled buffer."""
+    """src[position[n]], zero where position[n] == K. A gather (index_select) rather than a
+    scatter (index_copy_/index_add_), which was slower on CPU and needs a zero-filled buffer."""
     if position_N.numel() != src_KD.shape[0]:
         src_KD = torch.cat([src_KD, src_KD.new_zeros(1, src_KD.shape[1])])
     return src_KD.index_select(0, position_N)
