@@ -72,25 +72,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: torch.Tensor) -> list[float]:
-    """Sum a short vector over all ranks in one collective (float64 on the wire); as floats."""
-    tensor = values.detach().to(_collective_device(), torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def average_(tensors: list[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over ranks, in place, in one collective."""
-    if not tensors or get_world_size() == 1:
-        return
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> list[float]:
+    """Sum the `stats` vector over ranks (returned as floats) and replace each tensor in `average`
+    by its mean over ranks, in place -- all in ONE collective, in float64."""
+    world_size = get_world_size()
+    parts = [stats.detach().reshape(-1)] + ([t.detach().reshape(-1) for t in average] if world_size > 1 else [])
+    flat = torch.cat([p.to(_collective_device(), torch.float64) for p in parts])
+    if world_size > 1:
+        dist.all_reduce(flat)
+        offset = stats.numel()
+        for t in average:
+            t.copy_((flat[offset:offset + t.numel()] / world_size).view_as(t))
+            offset += t.numel()
+    return flat[:stats.numel()].tolist()
 
 
 def all_reduce_min(value: int) -> int:

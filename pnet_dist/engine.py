@@ -32,10 +32,8 @@ import torch
 from torch import nn
 
 from pnet_dist.config import JobConfig
-from pnet_dist.log import get_logger
 from pnet_dist.optim import build_lr_scheduler, build_param_groups
 
-log = get_logger(__name__)
 
 
 def build_ds_config(cfg: JobConfig, world_size: int, model: nn.Module) -> dict:

@@ -24,9 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from pnet_dist import storage
-from pnet_dist.log import get_logger
 
-log = get_logger(__name__)
 
 # Dense bf16/fp16 tensor-core peaks (vendor datasheets, SXM parts).
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}

@@ -61,14 +61,16 @@ class _Task:
         from pnet_dist.data import dataset_info
         return dataset_info(self.cfg.data.train_uri)
 
-    def _model_kwargs(self, from_dataset: dict[str, int]) -> dict:
-        """model.kwargs, with the dataset's size filled in where the job does not set it."""
+    def _model_kwargs(self, key: str, from_dataset: int | None, may_exceed: bool = False) -> dict:
+        """model.kwargs with the dataset's `key` (num_classes / vocab_size) filled in where the job
+        does not set it; may_exceed allows a larger model value (a vocabulary padded for speed)."""
         kwargs = dict(self.cfg.model.kwargs)
-        for key, value in from_dataset.items():
-            if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"model.kwargs.{key}={kwargs[key]} but the dataset {self.cfg.data.train_uri} "
-                                 f"has {key}={value}; remove model.kwargs.{key} or fix it")
-            kwargs.setdefault(key, value)
+        if from_dataset is None:
+            return kwargs
+        given = kwargs.setdefault(key, from_dataset)
+        if given < from_dataset or (given != from_dataset and not may_exceed):
+            raise ValueError(f"model.kwargs.{key}={given} but the dataset {self.cfg.data.train_uri} has "
+                             f"{key}={from_dataset}; remove model.kwargs.{key} or fix it")
         return kwargs
 
     def count(self, batch) -> tuple[int, int]:
@@ -82,8 +84,8 @@ class ImageClassificationTask(_Task):
     eval_keys = ("loss_sum", "top1", "top5", "count")
 
     def build_model(self) -> nn.Module:
-        info = self._dataset_info()
-        kwargs = self._model_kwargs({"num_classes": info["num_classes"]} if "num_classes" in info else {})
+        kwargs = self._model_kwargs("num_classes", self._dataset_info().get("num_classes"))
+        self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
         self.num_classes = model.num_classes
         self.flops_per_sample = 6.0 * _vision_macs(self.cfg.model.name, kwargs, self.cfg.data.image_size)
@@ -143,9 +145,9 @@ class CausalLMTask(_Task):
     eval_keys = ("loss_sum", "count")
 
     def build_model(self) -> nn.Module:
-        info = self._dataset_info()
-        kwargs = self._model_kwargs({"vocab_size": info["vocab_size"]} if "vocab_size" in info else {})
+        kwargs = self._model_kwargs("vocab_size", self._dataset_info().get("vocab_size"), may_exceed=True)
         kwargs["aux_loss_coef"] = self.cfg.train.moe_aux_coef
+        self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
         if self.cfg.data.seq_len > model.cfg.max_seq_len:
             raise ValueError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len="

@@ -91,13 +91,14 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int) -> StepR
         for key, value in extras.items():
             extras_sum[key] = extras_sum.get(key, 0.0) + value
     stop = torch.tensor(float(stop_requested()), device=task.device)
-    totals = dist.all_reduce_sum(torch.stack([loss_sum, nonfinite, stop, *extras_sum.values()]))
+    # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
+    # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
+    totals = dist.sum_and_average(torch.stack([loss_sum, nonfinite, stop, *extras_sum.values()]),
+                                  [b for b in engine.module.buffers() if b.is_floating_point()])
     num = len(micro_batches) * world_size
     if totals[1] > 0:  # the forward passes also ran BatchNorm statistics through the NaNs
         for live, saved in zip(engine.module.buffers(), buffers):
             live.copy_(saved)
-    else:  # ZeRO keeps weights equal across ranks but not buffers; checkpoints hold rank 0's
-        dist.average_([b for b in engine.module.buffers() if b.is_floating_point()])
     return StepResult(loss=math.nan if totals[1] > 0 else totals[0] / num,
                       extras={k: v / num for k, v in zip(extras_sum, totals[3:])}, lr=lr,
                       nonfinite=totals[1] > 0, applied=engine.was_step_applied(), stop=totals[2] > 0)
@@ -140,7 +141,7 @@ class Trainer:
         self.train_loader, self.eval_loader = task.build_loaders()
         self.ckpt = CheckpointManager(cfg.run_uri, cfg.checkpoint.keep_last, cfg.checkpoint.async_upload,
                                       cfg.checkpoint.upload_timeout_s, model_name=cfg.model.name,
-                                      model_kwargs=cfg.model.kwargs)
+                                      model_kwargs=task.model_kwargs)
         self.writer = MetricsWriter(cfg.metrics.logdir, enabled=dist.is_main(), sync_every_s=cfg.metrics.sync_every_s)
         self.meter = ThroughputMeter(task.flops_per_sample, world_size=world_size,
                                      peak_flops=peak_flops_per_rank(task.device, cfg.deepspeed.precision,
@@ -345,7 +346,7 @@ def evaluate(task, model, loader, max_batches: int | None) -> dict[str, float]:
     for _, batch in zip(range(num_batches), loader):
         sums = [a + b for a, b in zip(sums, task.eval_sums(model, batch))]
     model.train(was_training)
-    totals = dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64))
+    totals = dist.sum_and_average(torch.tensor(sums, dtype=torch.float64))
     return task.eval_summary(dict(zip(task.eval_keys, totals)))
 
 
@@ -365,9 +366,9 @@ def set_rng_states(states: dict) -> None:
 
 def micro_batch_seed(seed: int, step: int, position: int) -> int:
     """Seed of one micro-batch's randomness (dropout, drop-path, mixup/cutmix): a pure function of
-    its place in the step's global batch, position = micro * world_size + rank -- the order in
-    which the loaders hand out a global batch -- so the same global batch split over any number
-    of ranks and accumulation steps draws the same masks and mixing."""
+    (seed, step, position), position = micro * world_size + rank, so it never depends on the RNG
+    history of the process -- a resumed run, on any number of ranks, draws what the uninterrupted
+    one drew at that place of the step."""
     return ((seed * 1_000_003 + step) * 65_537 + position) % 2**63
 
 

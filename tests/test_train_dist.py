@@ -5,9 +5,9 @@ each scenario calling pnet_dist.train.train_worker like Ray Train or torchrun wo
   - ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4} (fp32 and bf16), and the MoE model
     with expert parallelism 2: N steps straight vs N/2 steps, SIGTERM (to rank 1 only), resume:
     the losses and the final eval agree bit for bit;
-  - a NaN batch: the step is skipped (weights, optimizer, BatchNorm statistics, EMA untouched),
-    so the run equals one that never saw the batch; a NaN streak reloads the last checkpoint
-    and equals a run that skipped those batches;
+  - a NaN batch (ZeRO-1 fp32, ZeRO-3 bf16): the step is skipped (weights, optimizer, BatchNorm
+    statistics, EMA untouched), so the run equals one that never saw the batch; a NaN streak
+    reloads the last checkpoint and equals a run that skipped those batches;
   - the TensorBoard event files, read back with TensorBoard's EventAccumulator.
 A second pair of launches runs on real datasets through pnet_dist.data's streaming loaders
 (MNIST digits, King James Bible tokens), checkpoints and logs to the local S3 server: an image
@@ -118,8 +118,12 @@ def scenario_matrix(workdir: Path) -> dict:
         resumed = run(config, common + [f"run_name={case}_resume"])
         results[case] = {"straight": straight, "stopped": stopped, "resumed": resumed}
     common = NONFINITE + [f"checkpoint.uri={workdir / 'runs'}"]
-    results["skip_nan"] = run("train_vision_debug.yaml", common + ["run_name=skip_nan", "train.max_steps=4"], nan_at({1}))
-    results["skip_drop"] = run("train_vision_debug.yaml", common + ["run_name=skip_drop", "train.max_steps=3"], drop({1}))
+    for name, extra in (("z1_fp32", []), ("z3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16",
+                                                      "train.ema_decay=null"])):
+        results[f"skip_nan_{name}"] = run("train_vision_debug.yaml", common + extra + [
+            f"run_name=skip_nan_{name}", "train.max_steps=4"], nan_at({1}))
+        results[f"skip_drop_{name}"] = run("train_vision_debug.yaml", common + extra + [
+            f"run_name=skip_drop_{name}", "train.max_steps=3"], drop({1}))
     reload = common + ["train.max_steps=6", "checkpoint.every_steps=2"]
     results["reload_nan"] = run("train_vision_debug.yaml", reload + ["run_name=reload_nan"], nan_at({2, 3}))
     results["reload_drop"] = run("train_vision_debug.yaml", reload + ["run_name=reload_drop"], drop({2, 3}))
@@ -184,12 +188,21 @@ def main() -> None:
 
 
 # -- the tests ---------------------------------------------------------------------------------
-def launch(scenario: str, workdir: Path, nproc: int = 2, timeout_s: float = 300) -> subprocess.CompletedProcess:
+def launch(scenario: str, workdir: Path, nproc: int = 2, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Run the scenario on `nproc` ranks under torchrun; on a time-out the whole process group goes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PNET_LOG_LEVEL": "WARNING",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__)), scenario, str(workdir)]
-    return subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{scenario} did not finish in {timeout_s:.0f}s:\n{(stdout + stderr)[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def launch_ok(scenario: str, workdir: Path, nproc: int = 2) -> dict:
@@ -229,17 +242,18 @@ def test_stop_and_resume_matches_straight_run_bit_for_bit(matrix, case):
     assert stopped["eval"] == {}                             # a preempted run does not evaluate
 
 
-def test_a_nonfinite_step_is_skipped_without_a_trace(matrix):
+@pytest.mark.parametrize("case", ["z1_fp32", "z3_bf16"])
+def test_a_nonfinite_step_is_skipped_without_a_trace(matrix, case):
     _, results = matrix
-    nan_run, clean_run = results["skip_nan"], results["skip_drop"]
+    nan_run, clean_run = results[f"skip_nan_{case}"], results[f"skip_drop_{case}"]
     assert nan_run["nonfinite_steps"] == 1 and nan_run["reloads"] == 0 and clean_run["nonfinite_steps"] == 0
     nan_losses, clean_losses = steps(nan_run["losses"]), steps(clean_run["losses"])
     assert math.isnan(nan_losses[2])
     # Step 3 of the NaN run is step 2 of the run that never saw the bad batch, and so on.
     assert [nan_losses[1], nan_losses[3], nan_losses[4]] == [clean_losses[1], clean_losses[2], clean_losses[3]]
-    # Weights, BatchNorm statistics and EMA are those of the clean run.
+    # Weights, BatchNorm statistics (and the EMA) are those of the clean run.
     assert nan_run["eval"] == clean_run["eval"]
-    assert math.isfinite(nan_run["eval"]["model"]["loss"]) and math.isfinite(nan_run["eval"]["ema"]["loss"])
+    assert all(math.isfinite(metrics["loss"]) for metrics in nan_run["eval"].values())
 
 
 def test_a_nonfinite_streak_reloads_the_last_checkpoint(matrix):

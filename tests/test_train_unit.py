@@ -48,7 +48,7 @@ def test_soft_target_cross_entropy_matches_torch():
 def test_image_task_builds_model_counts_flops_and_mixes_by_seed():
     task = build_task(make_cfg("image", model={"kwargs": {"num_classes": 7}}))
     model = task.build_model()
-    assert task.num_classes == model.num_classes == 7
+    assert task.num_classes == model.num_classes == 7 and task.model_kwargs == {"num_classes": 7}
     from pnet_dist.models.counting import count_macs, image_input
     assert task.flops_per_sample == 6 * sum(count_macs(model, image_input(model, device="cpu", size=32)).values())
     train_loader, eval_loader = task.build_loaders()
@@ -69,6 +69,7 @@ def test_lm_task_passes_the_aux_coefficient_and_counts_active_params():
     task = build_task(make_cfg("text", train={"moe_aux_coef": 0.05}))
     model = task.build_model()
     assert model.cfg.aux_loss_coef == 0.05 and task.vocab_size == model.cfg.vocab_size
+    assert task.model_kwargs == {"aux_loss_coef": 0.05}    # what the checkpoint manifest records
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel()
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -79,6 +80,21 @@ def test_lm_task_passes_the_aux_coefficient_and_counts_active_params():
     assert torch.allclose(loss, extras["lm_loss"] + extras["aux_loss"]) and extras["aux_loss"] > 0
     assert task.count(batch) == (2, 32)
     assert task.eval_summary({"loss_sum": 2.0 * 32, "count": 32})["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_dataset_sizes_fill_the_model_kwargs_and_contradictions_fail(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"kind": "text", "vocab_size": 300, "num_classes": 12}))
+    task = build_task(make_cfg("text", data={"train_uri": str(tmp_path), "seq_len": 16}))
+    assert task._model_kwargs("vocab_size", 300, may_exceed=True) == {"vocab_size": 300}
+    image = build_task(make_cfg("image", data={"train_uri": str(tmp_path)}))
+    assert image.build_model().num_classes == 12 and image.model_kwargs == {"num_classes": 12}
+    padded = build_task(make_cfg("text", data={"train_uri": str(tmp_path), "seq_len": 16},
+                                 model={"kwargs": {"vocab_size": 320}}))
+    assert padded.build_model().cfg.vocab_size == 320           # a padded vocabulary is fine
+    for kind, kwargs, message in (("text", {"vocab_size": 256}, "model.kwargs.vocab_size=256 but the dataset"),
+                                  ("image", {"num_classes": 10}, "model.kwargs.num_classes=10 but the dataset")):
+        with pytest.raises(ValueError, match=message):
+            build_task(make_cfg(kind, data={"train_uri": str(tmp_path)}, model={"kwargs": kwargs})).build_model()
 
 
 def test_lm_task_rejects_a_sequence_longer_than_the_model():
