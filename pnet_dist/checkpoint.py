@@ -15,9 +15,10 @@ root_uri is the run folder, <checkpoint.uri>/<run_name>, a local (shared) folder
                                           on another world size (own MANIFEST.json + COMPLETE),
                                           reused by later ones
 
-Saving (collective, every rank calls save()): each rank writes its files into a local staging
-folder with the engine's synchronous save, then a background thread uploads them (retries with
-backoff and a time-out are in pnet_dist.storage) and writes its receipt. Rank 0's thread polls
+Saving (collective, every rank calls save()): the engine's save runs synchronously, but with
+async_upload the state dicts it would write are only copied to CPU memory (_DeferredWrites); a
+background thread writes them into a local staging folder, uploads the files (retries with
+backoff until checkpoint.upload_timeout_s, in pnet_dist.storage) and writes the rank's receipt. Rank 0's thread polls
 storage until every rank's receipt exists, then writes MANIFEST.json and COMPLETE and prunes old
 checkpoints. The thread issues no collective, so it never interleaves with the training loop's
 collectives (ranks meet through storage only). The next save() first waits for the previous
@@ -40,6 +41,7 @@ A local root must be one folder every rank sees (a shared file system); otherwis
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -77,7 +79,6 @@ _CLIENT_STATE_RE = re.compile(r"^client_state_rank_(\d+)\.pt$")
 _HASH_CHUNK = 8 << 20
 _FILES_IN_FLIGHT = 4
 _STORAGE_ATTEMPTS = 10_000
-_UPLOAD_NICENESS = 10
 
 
 def step_dir_name(step: int) -> str:
@@ -150,8 +151,9 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict) -> None:
         """Collective: write this rank's part of checkpoint `step` and start uploading it.
 
-        Returns once the local files are written (async_upload) or the checkpoint is complete
-        (sync). A step that already has a complete checkpoint is left as it is.
+        Returns once the state is copied to CPU memory (async_upload; the MoE format writes its
+        files first) or the checkpoint is complete (sync). A step that already has a complete
+        checkpoint is left as it is.
         """
         self.wait()
         rank, world = _rank_world()
@@ -165,18 +167,35 @@ class CheckpointManager:
         shutil.rmtree(step_dir, ignore_errors=True)
         step_dir.mkdir(parents=True)  # every rank: MoE expert writers other than rank 0 write here
         fmt = FORMAT_MOE if _uses_moe_format(engine) else FORMAT_DEEPSPEED
+        writes = _DeferredWrites(engine.checkpoint_engine) if self.async_upload and fmt == FORMAT_DEEPSPEED else None
         if fmt == FORMAT_MOE:
             from pnet_dist import moe_deepspeed  # imports deepspeed: only where an engine already did
             moe_deepspeed.save_checkpoint(engine, save_root, name, client_state=None)
+        elif writes is not None:
+            engine.checkpoint_engine = writes
+            try:
+                engine.save_checkpoint(str(save_root), tag=name, client_state={}, save_latest=False)
+            finally:
+                engine.checkpoint_engine = writes.real
         else:
             engine.save_checkpoint(str(save_root), tag=name, client_state={}, save_latest=False)
-        torch.save(client_state, step_dir / client_state_name(rank))
-        files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+        state_path = step_dir / client_state_name(rank)
+        if writes is not None:
+            writes.save(client_state, str(state_path))
+        else:
+            torch.save(client_state, state_path)
         info = {"format": fmt, "step": step, "world_size": world,
                 "zero_stage": engine.zero_optimization_stage(), "model": self.model_info}
-        log.info("checkpoint step %d written locally in %.2fs (%d files); uploading%s", step,
-                 time.monotonic() - started, len(files), " in the background" if self.async_upload else "")
-        job = lambda: self._upload(name, step_dir, files, rank, info)  # noqa: E731
+        log.info("checkpoint step %d %s in %.2fs; uploading%s", step,
+                 "copied to CPU memory" if writes is not None else "written locally",
+                 time.monotonic() - started, " in the background" if self.async_upload else "")
+
+        def job() -> None:
+            if writes is not None:
+                writes.write_all()
+            files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+            self._upload(name, step_dir, files, rank, info)
+
         if self.async_upload:
             # Not a daemon: an interpreter that exits without wait() still finishes the upload.
             self._thread = threading.Thread(target=self._run_in_background, args=(job,),
@@ -233,9 +252,11 @@ class CheckpointManager:
         self._check_same_everywhere(step, "step")
         name = step_dir_name(step)
         prefix = f"{CKPT_DIR}/{name}"
-        # Every rank checks what it will read, and all ranks agree before the first collective
-        # of the load: one rank's corrupted shard must fail every rank, not hang the others.
-        manifest = self._all_ok(lambda: self._loadable_manifest(engine, prefix))
+        # Rank 0 validates the manifest (one pass over storage, not one per rank); every rank
+        # checks the files it reads, and all agree before DeepSpeed's first collective: one
+        # rank's corrupted shard must fail every rank, not hang the others.
+        manifest = self._rank0_decides(lambda: self._valid_manifest(prefix))
+        self._all_ok(lambda: self._check_loadable(engine, manifest, prefix))
         saved_world = manifest["world_size"]
         own_state = client_state_name(rank)
         state_file = own_state if own_state in manifest["files"] else client_state_name(0)
@@ -272,8 +293,7 @@ class CheckpointManager:
         log.info("loaded checkpoint %s (saved on %d ranks, loaded on %d)", self.storage.uri(prefix), saved_world, world)
         return client_state
 
-    def _loadable_manifest(self, engine, prefix: str) -> dict:
-        manifest = self._valid_manifest(prefix)
+    def _check_loadable(self, engine, manifest: dict, prefix: str) -> None:
         if manifest["format"] == FORMAT_MOE and not _uses_moe_format(engine):
             raise ValueError(f"checkpoint {self.storage.uri(prefix)} holds an MoE model; the engine's model has no "
                              "MoE projection or runs ZeRO stage 3 (check model.name and deepspeed.zero_stage)")
@@ -283,7 +303,6 @@ class CheckpointManager:
                              f"{manifest['zero_stage']}, the job runs stage {stage}; set deepspeed.zero_stage="
                              f"{manifest['zero_stage']} to resume it (or export it and start from the export "
                              "with train.init_from)")
-        return manifest
 
     def fetch(self, step: int, dest_dir: str | os.PathLike) -> tuple[Path, dict]:
         """Every file of complete checkpoint `step` in a local folder, checksums verified.
@@ -306,7 +325,6 @@ class CheckpointManager:
 
     def _run_in_background(self, job: Callable[[], None]) -> None:
         try:
-            _lower_thread_priority()
             job()
         except BaseException as exc:  # noqa: BLE001 -- handed to the training thread by wait()
             log.error("checkpoint upload failed: %s", exc)
@@ -588,14 +606,47 @@ def convert_to_universal(step_dir: Path, out_dir: Path) -> None:
     log.info("converted %s to a universal checkpoint in %.1fs", step_dir, time.monotonic() - started)
 
 
-def _lower_thread_priority() -> None:
-    """Let the training loop (and its data loader) have the CPU before the background upload.
+class _DeferredWrites:
+    """Stands in for engine.checkpoint_engine during one asynchronous save.
 
-    On Linux niceness is per thread and inherited by the threads this one starts (hashing,
-    boto3's transfer threads), so only the upload yields.
+    DeepSpeed hands it every state dict it would write; it keeps a CPU copy (later steps change
+    the live tensors) and the background thread writes them with the real checkpoint engine. The
+    training loop thus waits for a memory copy, not for serialisation and disk (torch DCP's
+    async_save does the same). Everything else is the real engine's.
     """
-    if sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _UPLOAD_NICENESS)
+
+    def __init__(self, real):
+        self.real = real
+        self.pending: list[tuple[str, Any]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        self.pending.append((str(path), _cpu_snapshot(state_dict)))
+
+    def write_all(self) -> None:
+        for path, state in self.pending:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.real.save(state, path)
+        self.pending.clear()
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def _cpu_snapshot(obj: Any) -> Any:
+    """A copy of a nested state that training cannot change any more: tensors copied to CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the dict's type (OrderedDict, ...)
+        for key, value in obj.items():
+            out[key] = _cpu_snapshot(value)
+        return out
+    if isinstance(obj, list):
+        return [_cpu_snapshot(value) for value in obj]
+    if isinstance(obj, tuple):
+        values = [_cpu_snapshot(value) for value in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)
+    return copy.deepcopy(obj)
 
 
 def _step_of(name: str) -> int:

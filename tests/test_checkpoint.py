@@ -2,6 +2,7 @@
 checksums, keep-last-k, the local S3 server, retried transient S3 failures, failed uploads."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -20,18 +21,20 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def process_group():
-    """A one-rank gloo group for in-process DeepSpeed engines."""
-    owned = not dist.is_initialized()
+    """A one-rank gloo group for in-process DeepSpeed engines.
+
+    Created once and kept for the rest of the session: DeepSpeed caches the groups it derives
+    from the default group, so a destroyed and re-created one would break later engines.
+    """
     saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # DeepSpeed's launcher check
-    if owned:
+    if not dist.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     yield
-    if owned:
-        dist.destroy_process_group()
     for key, value in saved_env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -266,6 +269,15 @@ def test_failed_upload_surfaces_in_wait_and_leaves_no_marker(process_group, s3_b
     manager.storage._client = None
     assert manager.latest_complete() is None
     assert not manager.storage.exists(f"ckpt/{step_dir_name(1)}/COMPLETE")
+
+
+def test_loading_into_another_zero_stage_is_a_value_error(process_group, tmp_path):
+    engine = build_engine(stage=1)
+    manager = CheckpointManager(str(tmp_path), keep_last=1, async_upload=False)
+    train(engine, 0, 1)
+    manager.save(engine, 1, {"step": 1})
+    with pytest.raises(ValueError, match="saved with ZeRO stage 1, the job runs stage 2"):
+        manager.load(build_engine(stage=2), 1)
 
 
 def test_bad_arguments_are_value_errors(tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints across world sizes with real DeepSpeed on gloo: save on 2 ranks (ZeRO-1/2/3, and an
 expert-parallel MoE LLaMA), load on 1 rank, compare weights and optimizer states exactly and the
-continued training with the 2-rank continuation; then the 1-rank checkpoint back on 2 ranks.
+continued training with the 2-rank continuation; then the 1-rank checkpoint back on 2 ranks, and a
+corrupted shard that only one rank reads failing the load on both ranks.
 
 This file is also the worker program: `python tests/test_checkpoint_dist.py MODE OUT_DIR ROOT...`
 runs on every rank (RANK / WORLD_SIZE / MASTER_* set by `run_ranks`).
@@ -108,7 +109,12 @@ def worker(mode: str, out_dir: Path, roots: list[str]) -> None:
         engine = build()
         manager = CheckpointManager(root, keep_last=2, async_upload=True)
         result: dict = {}
-        if mode.endswith("grow"):  # the 1-rank run's final checkpoint, back on 2 ranks
+        if mode == "mlp_grow" and name == "zero1":  # a shard only rank 1 reads is damaged: all fail
+            try:
+                manager.load(engine, SAVE_STEP)
+            except Exception as exc:  # noqa: BLE001 -- the test reads it
+                result["error"] = f"{type(exc).__name__}: {exc}"
+        elif mode == "mlp_grow":  # the 1-rank run's final checkpoint, back on 2 ranks
             step = manager.latest_complete()
             result.update(step=step, client_state=manager.load(engine, step), state=full_state(engine))
         elif world == 2:
@@ -121,7 +127,7 @@ def worker(mode: str, out_dir: Path, roots: list[str]) -> None:
             client_state = manager.load(engine, step)
             result.update(step=step, client_state=client_state, saved_world=manager.saved_world_size(step),
                           state=full_state(engine))
-        if not mode.endswith("grow"):
+        if mode != "mlp_grow":
             result["continued"] = [train_step(engine, loss_fn, s, rank, world, grad_accum)
                                    for s in range(SAVE_STEP, SAVE_STEP + NUM_CONTINUE)]
         if world == 1:
@@ -189,8 +195,14 @@ def test_zero123_saved_on_2_ranks_resume_on_1_rank(tmp_path, s3_bucket):
     # the universal form made by the first 1-rank resume is stored for the next one
     assert (Path(roots[0]) / "ckpt" / "step_00000003" / "universal" / "COMPLETE").is_file()
 
-    run_ranks(2, "mlp_grow", tmp_path, roots)  # and the 1-rank checkpoint back on 2 ranks
-    for stage in STAGES:
+    # back on 2 ranks: ZeRO-2/3 load the 1-rank checkpoint; ZeRO-1 tries the 2-rank one after a
+    # same-size corruption of the shard only rank 1 reads -- both ranks must fail, neither hang
+    shard = Path(roots[0]) / "ckpt" / "step_00000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    shard.write_bytes(bytes(data))
+    run_ranks(2, "mlp_grow", tmp_path, roots)
+    for stage in (2, 3):
         saved = load_result(tmp_path, f"zero{stage}", "mlp", 1, 0)
         for rank in (0, 1):
             grown = load_result(tmp_path, f"zero{stage}", "mlp_grow", 2, rank)
@@ -198,6 +210,9 @@ def test_zero123_saved_on_2_ranks_resume_on_1_rank(tmp_path, s3_bucket):
             assert grown["state"].keys() == saved["final_state"].keys()
             for key, value in saved["final_state"].items():
                 assert torch.equal(grown["state"][key], value), f"zero{stage} rank {rank}: {key} after 1 -> 2 ranks"
+    errors = [load_result(tmp_path, "zero1", "mlp_grow", 2, r).get("error", "") for r in (0, 1)]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256" in errors[1]
+    assert "failed on other ranks" in errors[0] and "sha256" in errors[0]
 
 
 def test_expert_parallel_moe_saved_on_2_ranks_resume_on_1_rank(tmp_path):

@@ -153,7 +153,7 @@ def test_matches_loop_reference_on_cuda(case):
         layer, x = make_layer(case, impl)
         layer, x = layer.cuda(), x.cuda()
         # TF32 would make both sides differ by ~1e-3; compare true fp32 math.
-        with torch.backends.cudnn.flags(allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             saved = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = False
             try:

@@ -35,6 +35,8 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
+from pnet_dist import launch
+from pnet_dist.config import load_config
 from pnet_dist.launch import RESULT_PREFIX
 from pnet_dist.metrics import read_scalars
 from pnet_dist.storage import open_storage
@@ -61,6 +63,7 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="ray_e2e_", dir="/tmp")   # short: Ray's socket paths
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if k not in ENDPOINT_VARS and k != "TORCH_EXTENSIONS_DIR"}
         env.update(AWS_ENDPOINT_URL_S3=f"http://{DEAD_ENDPOINT}", S3_ENDPOINT_URL=f"http://{DEAD_ENDPOINT}",
                    S3_ENDPOINT=DEAD_ENDPOINT, S3_USE_HTTPS="0", PNET_E2E_CLUSTER=self.marker,
@@ -68,7 +71,8 @@ class RayHead:
                    PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
         self.proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", self.gcs_address.rpartition(":")[2],
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
              "--temp-dir", self.temp_dir, "--num-cpus", "2", "--object-store-memory", str(300 << 20),
              "--disable-usage-stats"],
@@ -156,7 +160,8 @@ def job_yaml(tmp_path_factory, quickstart_data, bucket):
     """quickstart_vision with its data and run folder in S3 and a short step budget."""
     with open(REPO / "jobs" / "quickstart_vision.yaml") as f:
         job = yaml.safe_load(f)
-    job["data"].update(train_uri=f"{quickstart_data}/images/train", eval_uri=f"{quickstart_data}/images/val")
+    job["data"].update(train_uri=f"{quickstart_data}/images/train", eval_uri=f"{quickstart_data}/images/val",
+                       cache_dir=str(tmp_path_factory.mktemp("streaming_cache")))
     job["train"].update(max_steps=MAX_STEPS, log_every_steps=EVERY_STEPS, eval_every_steps=0)
     job["optim"]["warmup_steps"] = 5
     job["checkpoint"].update(uri=f"{bucket}/runs", every_steps=EVERY_STEPS, keep_last=3)
@@ -245,11 +250,13 @@ def test_killed_worker_and_killed_job_resume_to_the_uninterrupted_loss(ray_head,
         workers = ray_head.processes(name="ray::RayTrainWorker")
         assert len(workers) == 2, [w.cmdline() for w in workers]
         workers[0].send_signal(signal.SIGKILL)
+        killed_time = time.monotonic()
         killed_at = complete_steps(run_uri)[-1]
         assert killed_at < MAX_STEPS - EVERY_STEPS, "the run got too far before the kill; lengthen it"
 
         # 2. The restarted group checkpoints further; then the whole job dies with its driver.
         reached = wait_for_checkpoint(run_uri, killed_at + 2 * EVERY_STEPS, job)
+        restart_s = time.monotonic() - killed_time
         assert reached < MAX_STEPS, "the run finished before the driver was killed; lengthen it"
         drivers = ray_head.processes("pnet_dist.launch", "run_name=interrupted", program=sys.executable)
         assert len(drivers) == 1, [d.cmdline() for d in drivers]
@@ -260,11 +267,30 @@ def test_killed_worker_and_killed_job_resume_to_the_uninterrupted_loss(ray_head,
             job.kill()
     assert job.returncode != 0, "the job whose driver was killed must not report success"
     assert "FailurePolicy" in output and "RETRY" in output, output[-6000:]
+    # The engine's log line: the restarted group continued from a checkpoint, not from step 0.
+    resumed_in_job = [int(step) for step in re.findall(r"resumed from checkpoint step (\d+)", output)]
+    assert resumed_in_job and resumed_in_job[0] >= killed_at, output[-6000:]
     assert RESULT_PREFIX not in output
 
     # 3. The same YAML again: it continues from the object store and ends where the baseline did.
     result, _ = submit(ray_head, job_yaml, "interrupted")
-    assert result["resumed_from"] is not None and killed_at < result["resumed_from"] < MAX_STEPS
+    assert result["resumed_from"] is not None and reached <= result["resumed_from"] < MAX_STEPS
     assert result["step"] == MAX_STEPS
     assert result["loss"] == baseline[0]["loss"], "resumed training must reproduce the uninterrupted loss"
     assert result["eval"] == baseline[0]["eval"]
+    print(f"worker SIGKILLed after checkpoint {killed_at}; restarted group reached checkpoint {reached} "
+          f"{restart_s:.0f}s later; driver SIGKILLed; resubmission resumed from {result['resumed_from']} and "
+          f"ended with loss {result['loss']!r} (uninterrupted: {baseline[0]['loss']!r})")
+
+
+def test_a_request_the_cluster_cannot_hold_fails_with_the_fix(ray_head):
+    import ray
+    cfg = load_config(REPO / "jobs" / "quickstart_vision.yaml", ["scaling.num_workers=3"])
+    assert not launch.connect_ray(ray_head.gcs_address), "an address means connect, never start"
+    try:
+        assert ray.get_runtime_context().gcs_address == ray_head.gcs_address
+        with pytest.raises(ValueError, match=r"3 workers x 1 CPU = 3 CPU.*has 2.*scaling.num_workers"):
+            launch.check_local_capacity(cfg)
+        launch.check_local_capacity(load_config(REPO / "jobs" / "quickstart_vision.yaml"))
+    finally:
+        ray.shutdown()

@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=10, help="steps timed before each checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_at_start = os.getloadavg()[0]
 
     moto, endpoint = start_moto()
     os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
@@ -162,6 +163,7 @@ def main() -> None:
 
         sync_med, stall_med = statistics.median(sync_s), statistics.median(stall)
         ours_med, raw_med = statistics.median(ours_s), statistics.median(raw_s)
+        print(f"load average (1 min) at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f}")
         print(f"\nmodel {args.params_m:g}M params, checkpoint {num_bytes / 1e6:.1f} MB, step {step_s * 1e3:.1f} ms, "
               f"{args.repeats} repeats (medians), moto on {endpoint}, {os.cpu_count()} CPU cores\n")
         print("| metric | ours | baseline | ratio | target |")

@@ -12,13 +12,15 @@ or softmax). The M expert kernels are mixed into one kernel per sample with a si
   "experts"  convolve with all M kernels stacked as M*O output channels, then mix the outputs:
              M times the conv work but a plain batched conv (no per-sample kernels).
 
-`impl="auto"` picks per layer kind; the choice was made by measurement (fwd+bwd, the layers of
-parameternet_600m at 224x224, batch 32, 2 CPU cores; `tools/bench_dynamic_conv.py` reprints it):
-  1x1           -> "bmm"      (bmm beat the B-group conv and unfold by a wide margin)
-  depthwise kxk -> "grouped"  (a depthwise conv over B*C channels; unfold/experts were slower)
-  dense kxk     -> "unfold"   (the 3-channel stem; the B-group conv runs B tiny convs)
+`impl="auto"` picks per layer kind; the choice was made by measurement (fwd+bwd summed over
+the dynamic convs of parameternet_600m at 224x224, batch 32, 2 shared CPU cores, paths timed
+round-robin; `tools/bench_dynamic_conv.py` reprints the table):
+  1x1           -> "bmm"      1.5x faster than the B-group conv; unfold and experts slower still
+  depthwise kxk -> "grouped"  a depthwise conv over B*C channels; unfold 2.5x, experts 6x slower
+  dense kxk     -> "unfold"   (the 3-channel stem) 2.3x faster than the B-group conv (B tiny convs)
 On CUDA the same table is used (bmm and a B*C-channel depthwise conv are the natural GPU
-kernels); `--device cuda` of the benchmark measures all paths there as well.
+kernels); `--device cuda` of the benchmark times every path there too. Any path can be forced
+with `impl=`; all paths compute the same function (tests/test_dynamic_conv.py).
 
 Shapes: B batch, C input channels, O output channels, G groups, M experts, H/W input size,
 Ho/Wo output size, N = Ho*Wo, K = C/G*kH*kW (one output channel's kernel), P = O*K.
