@@ -16,5 +16,6 @@ dpkg -s $ffcv_debs >/dev/null 2>&1 && extras="dev,ffcv"
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+export PATH="$PWD/.venv/bin:$PATH"   # DeepSpeed JIT builds call the ninja that pip put there
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
