@@ -146,6 +146,9 @@ class CheckpointManager:
         self._staging = staging_base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # This rank's last finished upload: step, num_bytes, write_s (background serialisation),
+        # upload_s (upload and receipt; on rank 0 until COMPLETE), prune_s (rank 0: old ones removed).
+        self.last_upload_stats: dict | None = None
 
     # -- public interface ------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict) -> None:
@@ -191,10 +194,20 @@ class CheckpointManager:
                  time.monotonic() - started, " in the background" if self.async_upload else "")
 
         def job() -> None:
+            write_started = time.monotonic()
             if writes is not None:
                 writes.write_all()
             files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+            num_bytes = sum((step_dir / rel).stat().st_size for rel in files)
+            upload_started = time.monotonic()
             self._upload(name, step_dir, files, rank, info)
+            prune_started = time.monotonic()
+            if rank == 0:
+                self._prune()
+            self.last_upload_stats = {"step": step, "num_bytes": num_bytes,
+                                      "write_s": upload_started - write_started,
+                                      "upload_s": prune_started - upload_started,
+                                      "prune_s": time.monotonic() - prune_started}
 
         if self.async_upload:
             # Not a daemon: an interpreter that exits without wait() still finishes the upload.
@@ -287,6 +300,12 @@ class CheckpointManager:
                 step_dir = self._all_ok(lambda: self._fetch(prefix, manifest, download_dir / name,
                                                             lambda rel: _needed_by(rel, rank, state_file)))
                 self._engine_load(engine, step_dir.parent, name, universal=False)
+            if getattr(engine.optimizer, "_hp_optimizer_states_linked", False):
+                # A load into an engine that has stepped (a reload after non-finite losses)
+                # re-creates DeepSpeed's per-parameter fragments without their optimizer-state
+                # links, which it otherwise makes only once; without this the MoE save
+                # (safe_get_full_optimizer_state) fails after such a reload.
+                engine.optimizer._hp_optimizer_states_linked = False
             client_state = torch.load(step_dir / state_file, map_location="cpu", weights_only=False)
         finally:
             shutil.rmtree(download_dir, ignore_errors=True)
@@ -377,7 +396,7 @@ class CheckpointManager:
             self.storage.put_file(src, key)
 
     def _finalize(self, name: str, info: dict, deadline: float) -> None:
-        """Rank 0's thread: wait for every rank's receipt, then MANIFEST.json, COMPLETE, prune."""
+        """Rank 0's thread: wait for every rank's receipt, then MANIFEST.json and COMPLETE."""
         prefix = f"{CKPT_DIR}/{name}"
         pending, receipts = set(range(info["world_size"])), {}
         delay = 0.02
@@ -410,7 +429,6 @@ class CheckpointManager:
         self._write_manifest(prefix, {**info, "created_unix": time.time(), "files": files})
         log.info("checkpoint %s complete (%d files, %.1f MB)", self.storage.uri(prefix), len(files),
                  sum(meta["size"] for meta in files.values()) / 1e6)
-        self._prune()
 
     def _write_manifest(self, prefix: str, manifest: dict) -> None:
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()

@@ -29,7 +29,11 @@ Things that are easy to get wrong, and why the code below looks the way it does:
 - Ray resolves 127.0.0.1 to the host's external address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   is set before ray is imported; a local instance started here must stay on loopback. The setting
   does not affect connecting to a cluster (the driver finds its raylet by host, not by address).
-- The training function runs in a thread of the worker actor, not its main thread.
+- The training function runs in a thread of the worker actor, not its main thread, so the
+  engine's SIGTERM handler is not installed under Ray; spot notices reach the engine through its
+  own watcher (train.watch_spot_interruption). A run the engine stopped early (result
+  "preempted") is turned into a worker error, so that Ray Train starts a new group that resumes
+  from the checkpoint just written instead of ending the run short of max_steps.
 """
 from __future__ import annotations
 
@@ -204,14 +208,17 @@ def launch(cfg: JobConfig) -> dict:
 def summary_lines(cfg: JobConfig, result: dict) -> list[str]:
     """What the user needs at the end of a run: where it stopped and where its outputs are."""
     resumed = result.get("resumed_from")
-    start = f"resumed from step {resumed}" if resumed is not None else "started from scratch"
-    lines = [f"run {cfg.run_name}: reached step {result['step']} of {cfg.train.max_steps} ({start}); "
-             f"last train loss {result['loss']:.4f}"]
-    if result.get("preempted"):
-        lines.append("stopped early (preempted) after a checkpoint: run the same command again to continue")
+    if resumed is not None and resumed >= result["step"]:
+        lines = [f"run {cfg.run_name}: already at step {resumed} of {cfg.train.max_steps}, nothing left to train "
+                 f"(raise train.max_steps to continue)"]
+    else:
+        start = f"resumed from step {resumed}" if resumed is not None else "started from scratch"
+        lines = [f"run {cfg.run_name}: reached step {result['step']} of {cfg.train.max_steps} ({start}); "
+                 f"last train loss {result['loss']:.4f}"]
     # eval: {"model": {"top1": ..., "loss": ...}, "ema": {...}} as returned by train_worker
     for weights, metrics in sorted((result.get("eval") or {}).items()):
-        shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()))
+        shown = ", ".join(f"{key} {int(value) if float(value).is_integer() else f'{value:.4g}'}"
+                          for key, value in sorted(metrics.items()))
         lines.append(f"held-out ({weights} weights): {shown}")
     lines.append(f"checkpoints: {storage.join(cfg.run_uri, 'ckpt')}")
     lines.append(f"TensorBoard logs: {cfg.metrics.logdir}")

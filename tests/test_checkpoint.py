@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import threading
 
 import pytest
 import torch
@@ -124,6 +125,23 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_client_state(pr
     for rel, meta in manifest["files"].items():
         assert (step_dir / rel).stat().st_size == meta["size"]
     assert not any((tmp_path / "run" / ".staging").rglob("*.pt")), "staging folder was not emptied"
+
+
+def test_async_save_holds_the_state_of_its_step_while_training_goes_on(process_group, tmp_path):
+    engine = build_engine(stage=2)
+    manager = CheckpointManager(str(tmp_path), keep_last=1, async_upload=True)
+    train(engine, 0, 2)
+    saved = snapshot(engine)
+    release = threading.Event()
+    run_job = manager._run_in_background
+    manager._run_in_background = lambda job: (release.wait(), run_job(job))  # hold the background write
+    manager.save(engine, 2, {"step": 2})
+    assert manager.uploading() and not (tmp_path / "ckpt").exists()
+    train(engine, 2, 3)  # changes every live tensor DeepSpeed handed to the checkpoint engine
+    release.set()
+    manager.wait()
+    manager.load(engine, 2)  # into the engine that went on (as a reload after non-finite losses does)
+    assert_same(snapshot(engine), saved)
 
 
 def test_checkpoint_without_marker_is_skipped_with_a_warning(process_group, tmp_path, pnet_logs):

@@ -64,16 +64,22 @@ class RayHead:
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_address = f"127.0.0.1:{free_port()}"
+        # PATH stays as it is: the workers' DeepSpeed JIT builds must find the same `ninja` as the
+        # other tests' (a different ninja version rewrites .ninja_log and rebuilds every op).
         env = {k: v for k, v in os.environ.items() if k not in ENDPOINT_VARS and k != "TORCH_EXTENSIONS_DIR"}
         env.update(AWS_ENDPOINT_URL_S3=f"http://{DEAD_ENDPOINT}", S3_ENDPOINT_URL=f"http://{DEAD_ENDPOINT}",
                    S3_ENDPOINT=DEAD_ENDPOINT, S3_USE_HTTPS="0", PNET_E2E_CLUSTER=self.marker,
-                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                   PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
         self.proc = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
              "--port", self.gcs_address.rpartition(":")[2],
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+             # Ray's fixed default ports (agent 52365, client 10001, ...) may be held by another Ray
+             # on the machine; a job agent that cannot bind leaves "No available agent" behind.
+             *(arg for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                  "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port")
+               for arg in (option, str(free_port()))),
              "--temp-dir", self.temp_dir, "--num-cpus", "2", "--object-store-memory", str(300 << 20),
              "--disable-usage-stats"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -92,6 +98,19 @@ class RayHead:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"the Ray dashboard at {self.address} did not come up in {timeout_s:.0f}s")
+
+    def wait_for_job_agent(self, timeout_s: float = 120.0) -> None:
+        """The dashboard answers before the node's job agent registers ("No available agent to
+        submit job"); a no-op job goes through once it has."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            proc = subprocess.run([RAY, "job", "submit", "--address", self.address, "--no-wait", "--", "true"],
+                                  capture_output=True, text=True, timeout=60)
+            if proc.returncode == 0:
+                return
+            if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                raise RuntimeError(f"cannot submit a job to {self.address}:\n{proc.stdout}{proc.stderr}")
+            time.sleep(1)
 
     def processes(self, *name_parts: str, program: str | None = None, name: str | None = None
                   ) -> list[psutil.Process]:
@@ -134,6 +153,7 @@ def ray_head(s3_server):
     head = RayHead()
     try:
         head.wait_ready()
+        head.wait_for_job_agent()
         yield head
     finally:
         head.stop()

@@ -105,6 +105,8 @@ def test_summary_says_where_outputs_are(tmp_path):
     assert "held-out (model weights): loss 0.125, top1 97.25" in text
     assert f"checkpoints: {tmp_path}/runs/run1/ckpt" in text
     assert f"tensorboard --logdir {tmp_path}/runs/run1/tb --host 127.0.0.1" in text
+    finished = launch.summary_lines(cfg, {"step": 50, "loss": float("nan"), "resumed_from": 50, "eval": {}})
+    assert "already at step 50 of 50, nothing left to train (raise train.max_steps" in finished[0]
 
 
 def test_bad_job_file_fails_before_ray_starts_and_driver_stays_light(tmp_path):
@@ -115,7 +117,7 @@ def test_bad_job_file_fails_before_ray_starts_and_driver_stays_light(tmp_path):
     code = ("import sys, ray\nfrom pnet_dist import launch\n"
             "try:\n    launch.main([sys.argv[1]])\nexcept ValueError as exc:\n    print('ValueError:', exc)\n"
             "print('ray initialized:', ray.is_initialized(), '| deepspeed imported:', 'deepspeed' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "ValueError:" in proc.stdout and "scaling.num_worker" in proc.stdout and str(job) in proc.stdout
     assert "ray initialized: False | deepspeed imported: False" in proc.stdout

@@ -1,21 +1,28 @@
 """Benchmark the checkpoint path against its baselines, in one run, on this machine.
 
 Rows (ratios, each the median of --repeats measurements):
-  stall / sync save      time the training loop loses to one asynchronous checkpoint
-                         (CheckpointManager, async_upload=True): the save() call plus the extra
-                         time of every step run while the upload is in flight, over the median
-                         step just before; divided by the wall time of a synchronous save (save +
-                         upload + manifest) of the same state. Target <= 0.10.
-  upload throughput      bytes/s of CheckpointManager's upload (from save() returning to wait()
-                         returning: upload, sha256, receipts, MANIFEST, COMPLETE) over bytes/s of a
-                         raw boto3 upload_file of the same files. Target >= 0.9.
+  blocked / sync save    time the training loop is blocked in save() with async_upload=True (the
+                         engine's save with its state dicts copied to CPU memory), over the wall
+                         time of a synchronous save (write + upload + manifest) of the same state.
+                         Target <= 0.10.
+  stall / sync save      the same plus the extra time of every step run while the background
+                         write and upload are in flight, over the median step just before. On a
+                         GPU host the background work runs on otherwise idle cores; on this
+                         2-core CPU-only machine it takes CPU from the training loop itself (and
+                         so does the moto server, which stands in for remote S3).
+  upload throughput      bytes/s of CheckpointManager's upload of one checkpoint whose files are
+                         written (upload with sha256 beside it, receipt, MANIFEST, COMPLETE;
+                         CheckpointManager.last_upload_stats; the pruning of old checkpoints
+                         after COMPLETE is printed apart) over bytes/s of a raw
+                         boto3 upload_file of the same files, one after the other (the order of
+                         the two alternates between repeats). Target >= 0.9.
 
 A moto S3 server is started on 127.0.0.1 in its own process (it would otherwise share the GIL with
 the training loop). One DeepSpeed rank (ZeRO-1, gloo, torch AdamW) trains an MLP on one torch
 thread, as a GPU job's host thread would leave CPU to I/O; on this CPU-only machine every cycle the
 upload (sha256, HTTP) and the moto server take still slows the training loop, and counts as stall.
 
-    python tools/bench_checkpoint.py [--params-m 12] [--repeats 3]
+    python tools/bench_checkpoint.py [--params-m 12] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -86,24 +93,26 @@ def step_times(engine, width: int, num_steps: int) -> list[float]:
     return times
 
 
-def stall_of_one_async_checkpoint(engine, width: int, manager, step: int, num_base_steps: int) -> float:
-    """Seconds the loop lost to one async checkpoint: the save() call plus how much longer the
-    steps ran while the upload was in flight, against the median step just before."""
+def stall_of_one_async_checkpoint(engine, width: int, manager, step: int, num_base_steps: int) -> tuple[float, float]:
+    """(blocking, total) seconds the loop lost to one async checkpoint: the save() call alone, and
+    that plus how much longer the steps ran while the background write + upload was in flight,
+    against the median step just before."""
     base_s = statistics.median(step_times(engine, width, num_base_steps))
     started = time.perf_counter()
     manager.save(engine, step, {"step": step})
-    lost = time.perf_counter() - started
+    blocking = time.perf_counter() - started
+    lost = blocking
     while manager.uploading():
         lost += step_times(engine, width, 1)[0] - base_s
     started = time.perf_counter()
     manager.wait()
-    return lost + time.perf_counter() - started
+    return blocking, lost + time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params-m", type=float, default=12.0, help="model size in millions of parameters")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--base-steps", type=int, default=10, help="steps timed before each checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -126,7 +135,7 @@ def main() -> None:
         step_s = statistics.median(step_times(engine, width, 20))
 
         counter = iter(range(1, 10**6))
-        sync_s, stall, ours_s, raw_s = [], [], [], []
+        sync_s, blocking, stall, ours_s, raw_s, prune_s = [], [], [], [], [], []
         num_bytes = 0
         for repeat in range(args.repeats):
             # synchronous save: what the training loop would wait for without the background upload
@@ -138,42 +147,59 @@ def main() -> None:
 
             manager = CheckpointManager(f"s3://bench/async{repeat}", keep_last=1, async_upload=True)
             manager.latest_complete()
-            stall.append(stall_of_one_async_checkpoint(engine, width, manager, next(counter), args.base_steps))
+            blocked_s, lost_s = stall_of_one_async_checkpoint(engine, width, manager, next(counter), args.base_steps)
+            blocking.append(blocked_s)
+            stall.append(lost_s)
 
-            # upload throughput: ours (no training running) vs raw boto3 of the same files
+            # upload throughput: ours (no training running; the files already written, as the
+            # baseline's are) vs raw boto3 of the same bytes; which runs first alternates
             step = next(counter)
-            manager.save(engine, step, {"step": step})
-            started = time.perf_counter()
-            manager.wait()
-            ours_s.append(time.perf_counter() - started)
-            manifest = manager.manifest(step)
-            num_bytes = sum(meta["size"] for meta in manifest["files"].values())
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag="raw", client_state={}, save_latest=False)
-                torch.save({"step": step}, Path(tmp) / "raw" / "client_state_rank_00000.pt")
-                files = sorted(p for p in (Path(tmp) / "raw").rglob("*") if p.is_file())
-                assert abs(sum(p.stat().st_size for p in files) - num_bytes) < 4096, "baseline bytes differ"
+
+            def ours() -> None:
+                manager.save(engine, step, {"step": step})
+                manager.wait()
+                ours_s.append(manager.last_upload_stats["upload_s"])
+                prune_s.append(manager.last_upload_stats["prune_s"])
+
+            def raw(files: list[Path]) -> None:
                 started = time.perf_counter()
                 for path in files:
                     client.upload_file(str(path), "bench", f"raw{repeat}/{path.name}", Config=TransferConfig())
                 raw_s.append(time.perf_counter() - started)
                 for path in files:
                     client.delete_object(Bucket="bench", Key=f"raw{repeat}/{path.name}")
+
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="raw", client_state={}, save_latest=False)
+                torch.save({"step": step}, Path(tmp) / "raw" / "client_state_rank_00000.pt")
+                files = sorted(p for p in (Path(tmp) / "raw").rglob("*") if p.is_file())
+                if repeat % 2:
+                    raw(files)
+                    ours()
+                else:
+                    ours()
+                    raw(files)
+                num_bytes = manager.last_upload_stats["num_bytes"]
+                assert abs(sum(p.stat().st_size for p in files) - num_bytes) < 0.01 * num_bytes, "baseline bytes differ"
             shutil.rmtree(Path(tempfile.gettempdir()) / "pnet_dist_staging", ignore_errors=True)
 
-        sync_med, stall_med = statistics.median(sync_s), statistics.median(stall)
+        sync_med, stall_med, blocking_med = statistics.median(sync_s), statistics.median(stall), statistics.median(blocking)
         ours_med, raw_med = statistics.median(ours_s), statistics.median(raw_s)
         print(f"load average (1 min) at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f}")
         print(f"\nmodel {args.params_m:g}M params, checkpoint {num_bytes / 1e6:.1f} MB, step {step_s * 1e3:.1f} ms, "
               f"{args.repeats} repeats (medians), moto on {endpoint}, {os.cpu_count()} CPU cores\n")
         print("| metric | ours | baseline | ratio | target |")
         print("|---|---|---|---|---|")
-        print(f"| training stall per checkpoint: async vs sync save | {stall_med:.3f} s | {sync_med:.3f} s | "
-              f"{stall_med / sync_med:.3f} | <= 0.10 |")
+        print(f"| training blocked by save() (async) vs sync save | {blocking_med:.3f} s | {sync_med:.3f} s | "
+              f"{blocking_med / sync_med:.3f} | <= 0.10 |")
+        print(f"| training stall incl. CPU shared with the background write/upload and moto | {stall_med:.3f} s | "
+              f"{sync_med:.3f} s | {stall_med / sync_med:.3f} | <= 0.10 |")
         print(f"| upload throughput vs raw boto3 upload_file | {num_bytes / ours_med / 1e6:.1f} MB/s | "
               f"{num_bytes / raw_med / 1e6:.1f} MB/s | {raw_med / ours_med:.3f} | >= 0.9 |")
-        print(f"\nraw seconds: sync {[round(s, 3) for s in sync_s]}, stall {[round(s, 3) for s in stall]}, "
-              f"ours upload {[round(s, 3) for s in ours_s]}, raw upload {[round(s, 3) for s in raw_s]}")
+        print(f"\nraw seconds: sync {[round(s, 3) for s in sync_s]}, blocked {[round(s, 3) for s in blocking]}, "
+              f"stall {[round(s, 3) for s in stall]}, "
+              f"ours upload {[round(s, 3) for s in ours_s]}, raw upload {[round(s, 3) for s in raw_s]}, "
+              f"ours pruning after COMPLETE {[round(s, 3) for s in prune_s]}")
         dist.destroy_process_group()
     finally:
         moto.kill()

@@ -25,7 +25,9 @@ if [[ ! -f $stamp || setup.cfg -nt $stamp || pyproject.toml -nt $stamp ]]; then
     touch "$stamp"
 fi
 
-# DeepSpeed builds a few C++ ops on first use; keep them with the repo so a re-run skips that.
+# DeepSpeed builds a few C++ ops on first use, with the `ninja` that pip put into .venv/bin; keep
+# the builds with the repo so a re-run skips them.
+export PATH="$repo/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
