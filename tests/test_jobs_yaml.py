@@ -1,5 +1,5 @@
 """Every YAML in jobs/ loads (job configs through load_config, the runtime env through Ray) and
-the production jobs carry the paper's recipe (/work/shared/PAPER.md)."""
+the production jobs carry the paper's recipe (arXiv 2306.14525)."""
 from __future__ import annotations
 
 from pathlib import Path
