@@ -139,11 +139,13 @@ class RayHead:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        for proc in self.processes():
+        leftovers = self.processes()
+        for proc in leftovers:
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(leftovers, timeout=15)   # before removing the folder they write logs into
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
