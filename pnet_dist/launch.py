@@ -29,11 +29,15 @@ Things that are easy to get wrong, and why the code below looks the way it does:
 - Ray resolves 127.0.0.1 to the host's external address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   is set before ray is imported; a local instance started here must stay on loopback. The setting
   does not affect connecting to a cluster (the driver finds its raylet by host, not by address).
-- The training function runs in a thread of the worker actor, not its main thread, so the
-  engine's SIGTERM handler is not installed under Ray; spot notices reach the engine through its
-  own watcher (train.watch_spot_interruption). A run the engine stopped early (result
-  "preempted") is turned into a worker error, so that Ray Train starts a new group that resumes
-  from the checkpoint just written instead of ending the run short of max_steps.
+- The training function runs in a thread of the worker actor, where Python cannot install a
+  signal handler, and Ray's own SIGTERM handler (on the actor's main thread) exits the process.
+  So each worker asks its own actor to run `_install_sigterm_handler` on the actor's main thread
+  (a task of the actor, RayTrainWorker.execute): SIGTERM then requests a stop, the loop finishes
+  its step on every rank, checkpoints and returns; Ray's handler is put back when the loop ends.
+  Spot notices reach the engine through its own watcher (train.watch_spot_interruption). A run
+  the engine stopped early (result "preempted") is turned into a worker error, so that Ray Train
+  starts a new group that resumes from the checkpoint just written instead of ending the run
+  short of max_steps.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -145,11 +150,56 @@ def build_trainer(cfg: JobConfig) -> TorchTrainer:
                         run_config=run_config)
 
 
+_ray_sigterm_handler = None  # Ray's handler, while ours is installed (worker processes only)
+
+
+def _sigterm_requests_stop(signum, frame) -> None:
+    from pnet_dist.train import request_stop, stop_requested
+    if stop_requested() and callable(_ray_sigterm_handler):
+        _ray_sigterm_handler(signum, frame)  # a second SIGTERM: exit now, as Ray's handler does
+    request_stop("SIGTERM")
+
+
+def _install_sigterm_handler() -> None:
+    """Runs on the worker actor's main thread."""
+    global _ray_sigterm_handler
+    previous = signal.signal(signal.SIGTERM, _sigterm_requests_stop)
+    if _ray_sigterm_handler is None:
+        _ray_sigterm_handler = previous
+
+
+def _restore_sigterm_handler() -> None:
+    """Runs on the worker actor's main thread."""
+    global _ray_sigterm_handler
+    if _ray_sigterm_handler is not None:
+        signal.signal(signal.SIGTERM, _ray_sigterm_handler)
+        _ray_sigterm_handler = None
+
+
+def _on_actor_main_thread(fn) -> bool:
+    """Run `fn` as a task of this worker's own actor, i.e. on the actor's main thread (the
+    training function's thread cannot set signal handlers). False, with a warning, if that fails."""
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(fn), timeout=60)
+        return True
+    except Exception as exc:  # noqa: BLE001 -- a missing handler must not stop training
+        log.warning("could not run %s on the worker's main thread (%s: %s); SIGTERM will end this worker "
+                    "without a checkpoint", fn.__name__, type(exc).__name__, exc)
+        return False
+
+
 def run_worker(loop_config: dict) -> dict:
-    """Body of every Ray Train worker: the engine's training loop on the job's config."""
+    """Body of every Ray Train worker: the engine's training loop on the job's config, with SIGTERM
+    turned into the loop's stop request (finish the step, checkpoint, return)."""
     # Imported here so the driver never loads deepspeed and the model code.
     from pnet_dist.train import train_worker
-    result = train_worker(loop_config["cfg"])
+    handler_installed = _on_actor_main_thread(_install_sigterm_handler)
+    try:
+        result = train_worker(loop_config["cfg"])
+    finally:
+        if handler_installed:
+            _on_actor_main_thread(_restore_sigterm_handler)
     if result.get("preempted"):
         # A clean return would end the Ray run short of max_steps. An error makes Ray Train start
         # a new worker group (on a replacement node), which resumes from the checkpoint just written.

@@ -1,11 +1,20 @@
-"""Logging set-up: one format for every process, rank-prefixed once torch.distributed is up."""
+"""Logging set-up: one format for every process, each line labelled with the process's rank."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 
-_FORMAT = "%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
+_FORMAT = "%(asctime)s %(levelname)s [rank%(rank)s] %(name)s: %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    """Reads RANK when a record is emitted, not when the handler is made: under Ray Train the
+    module is imported (and the handler created) before Ray sets RANK in the worker."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = os.environ.get("RANK", "0")
+        return True
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -13,8 +22,8 @@ def get_logger(name: str) -> logging.Logger:
     root = logging.getLogger("pnet_dist")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_FORMAT.format(rank=os.environ.get("RANK", "0")),
-                                               datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler.addFilter(_RankFilter())
         root.addHandler(handler)
         root.setLevel(os.environ.get("PNET_LOG_LEVEL", "INFO"))
         root.propagate = False

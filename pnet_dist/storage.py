@@ -100,7 +100,7 @@ class Storage:
     def put_file(self, local_path: str | os.PathLike, key: str) -> None:
         if is_s3(self.root):
             from boto3.s3.transfer import TransferConfig
-            config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+            config = TransferConfig()  # 8 MiB parts, 10 threads; s3transfer raises the part size for files over 10,000 parts
             with_retries(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=config),
                          f"upload {local_path} -> {self.uri(key)}", self.retry)
         else:

@@ -109,10 +109,9 @@ def train_worker(cfg: JobConfig, task=None) -> dict:
 
     `task` defaults to build_task(cfg); tests pass one whose loaders they wrap.
     """
-    dist.init_distributed()
-    _STOP.clear()
     stop_signals = StopSignals(cfg.train.watch_spot_interruption)  # a SIGTERM during set-up counts too
     try:
+        dist.init_distributed()
         trainer = Trainer(cfg, task or build_task(cfg))
         try:
             result = trainer.fit()
@@ -120,6 +119,7 @@ def train_worker(cfg: JobConfig, task=None) -> dict:
             trainer.writer.close()
     finally:
         stop_signals.close()
+        _STOP.clear()  # a stop request (served or not) ends with this run, not the next one in this process
     dist.teardown()
     return result
 
@@ -401,7 +401,8 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
         else:
-            log.warning("not in the main thread: SIGTERM is not handled here; call pnet_dist.train.request_stop()")
+            # Under Ray Train, pnet_dist.launch installs the handler on the worker's main thread.
+            log.info("not in the main thread: SIGTERM is left to the caller, whose handler calls request_stop()")
         self._watcher = SpotWatcher() if watch_spot else None
 
     def close(self) -> None:

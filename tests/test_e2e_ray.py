@@ -14,6 +14,8 @@ Runs (quickstart_vision on the quickstart digits, 2 workers, ZeRO-2):
   group, which resumes from the newest complete checkpoint), later the job's driver SIGKILLed
   (the whole job dies), then the same YAML submitted again -> it finishes from the object store
   with the baseline's final loss, bit for bit.
+- sigterm: one training worker gets SIGTERM -> the step is finished and checkpointed, Ray restarts
+  the group from that checkpoint, the job succeeds with the baseline's final loss.
 """
 from __future__ import annotations
 
@@ -303,6 +305,35 @@ def test_killed_worker_and_killed_job_resume_to_the_uninterrupted_loss(ray_head,
     print(f"worker SIGKILLed after checkpoint {killed_at}; restarted group reached checkpoint {reached} "
           f"{restart_s:.0f}s later; driver SIGKILLed; resubmission resumed from {result['resumed_from']} and "
           f"ended with loss {result['loss']!r} (uninterrupted: {baseline[0]['loss']!r})")
+
+
+def test_sigterm_to_a_worker_checkpoints_that_step_and_the_job_finishes(ray_head, job_yaml, bucket, baseline):
+    """SIGTERM (what a node going down sends) to one training worker: every rank finishes the step,
+    the checkpoint of that step is written, Ray restarts the group, which resumes from exactly that
+    step, and the job succeeds with the uninterrupted loss."""
+    run_uri = f"{bucket}/runs/sigterm"
+    job = subprocess.Popen(submit_command(ray_head, job_yaml, "sigterm", f"sigterm-{uuid.uuid4().hex[:6]}"),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_checkpoint(run_uri, EVERY_STEPS, job)
+        workers = ray_head.processes(name="ray::RayTrainWorker")
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        workers[1].send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=420)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, f"job failed:\n{output[-6000:]}"
+    stopped = [int(step) for step in re.findall(r"stop requested \(SIGTERM\): checkpointed step (\d+)", output)]
+    assert len(stopped) == 1, output[-6000:]
+    assert EVERY_STEPS <= stopped[0] < MAX_STEPS
+    resumed = {int(step) for step in re.findall(r"resumed from checkpoint step (\d+)", output)}
+    assert resumed == {stopped[0]}, f"the restarted group must start at the SIGTERM's step:\n{output[-6000:]}"
+    result = parse_result(output)
+    assert result["step"] == MAX_STEPS and not result["preempted"]
+    assert result["loss"] == baseline[0]["loss"], "the stopped and resumed run must reproduce the uninterrupted loss"
+    print(f"worker SIGTERMed: checkpointed step {stopped[0]}, Ray restarted the group from it, final loss "
+          f"{result['loss']!r} (uninterrupted: {baseline[0]['loss']!r})")
 
 
 def test_a_request_the_cluster_cannot_hold_fails_with_the_fix(ray_head):

@@ -262,3 +262,16 @@ def test_lower_modules_do_not_import_deepspeed_or_ray():
             "print(sorted(m for m in ('deepspeed', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_log_lines_carry_the_rank_set_after_the_logger_was_made(monkeypatch):
+    """Ray Train sets RANK in a worker after pnet_dist is imported; the label must follow it."""
+    import logging
+
+    from pnet_dist.log import get_logger
+    get_logger("pnet_dist.test_log")
+    handler = logging.getLogger("pnet_dist").handlers[0]
+    monkeypatch.setenv("RANK", "3")
+    record = logging.LogRecord("pnet_dist.test_log", logging.INFO, __file__, 1, "hello", None, None)
+    assert handler.filter(record)
+    assert "[rank3] pnet_dist.test_log: hello" in handler.format(record)

@@ -22,11 +22,14 @@ the training loop). One DeepSpeed rank (ZeRO-1, gloo, torch AdamW) trains an MLP
 thread, as a GPU job's host thread would leave CPU to I/O; on this CPU-only machine every cycle the
 upload (sha256, HTTP) and the moto server take still slows the training loop, and counts as stall.
 
-    python tools/bench_checkpoint.py [--params-m 12] [--repeats 5]
+    python tools/bench_checkpoint.py [--params-m 12] [--repeats 5] [--rows-json]
+
+tools/bench_engine.py runs this script too (with --rows-json) and prints its rows in its own table.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--params-m", type=float, default=12.0, help="model size in millions of parameters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--base-steps", type=int, default=10, help="steps timed before each checkpoint")
+    parser.add_argument("--rows-json", action="store_true",
+                        help="also print the rows as one 'BENCH_ROWS <json>' line (read by bench_engine.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]
@@ -196,6 +201,16 @@ def main() -> None:
               f"{sync_med:.3f} s | {stall_med / sync_med:.3f} | <= 0.10 |")
         print(f"| upload throughput vs raw boto3 upload_file | {num_bytes / ours_med / 1e6:.1f} MB/s | "
               f"{num_bytes / raw_med / 1e6:.1f} MB/s | {raw_med / ours_med:.3f} | >= 0.9 |")
+        if args.rows_json:
+            mb = num_bytes / 1e6
+            rows = [  # name, ours, baseline, unit, ratio, target (op, value)
+                (f"checkpoint {mb:.0f} MB: training blocked by async save() / sync save", blocking_med, sync_med, "s",
+                 blocking_med / sync_med, ["<=", 0.10]),
+                ("  same, plus CPU the background upload and moto take from the loop", stall_med, sync_med, "s",
+                 stall_med / sync_med, None),
+                (f"checkpoint {mb:.0f} MB: upload throughput, ours / raw boto3", mb / ours_med, mb / raw_med, "MB/s",
+                 raw_med / ours_med, [">=", 0.9])]
+            print("BENCH_ROWS " + json.dumps(rows), flush=True)
         print(f"\nraw seconds: sync {[round(s, 3) for s in sync_s]}, blocked {[round(s, 3) for s in blocking]}, "
               f"stall {[round(s, 3) for s in stall]}, "
               f"ours upload {[round(s, 3) for s in ours_s]}, raw upload {[round(s, 3) for s in raw_s]}, "

@@ -1,7 +1,7 @@
 """Benchmark: step time of pnet_dist's training loop (DeepSpeed ZeRO-2, 2 ranks) vs a plain torch DDP
 loop with the same model, batch, loss, optimizer groups and schedule, measured in one run.
 
-    python tools/bench_engine.py [--steps 40] [--warmup 10] [--rounds 2]
+    python tools/bench_engine.py [--steps 40] [--warmup 10] [--rounds 2] [--skip-checkpoint]
 
 Both loops read the same synthetic batches (pnet_dist.tasks.SyntheticLoader) and compute the
 loss with the same task object, so the ratio is the cost of the engine around the model:
@@ -11,9 +11,13 @@ TensorBoard files, first interval dropped as warm-up); the baselines per step, w
 A third loop, the bare DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's.
 Loops alternate for --rounds rounds and the median per loop is reported. Target: ratio <= 1.05.
 
-Rows are produced by the functions in BENCHES, each run inside one 2-rank torchrun group and
-returning (name, ours_s, baseline_s, unit). Checkpoint benchmarks (async stall, upload
-throughput) belong in the same list: add a function with that signature.
+The checkpoint rows come from tools/bench_checkpoint.py, run by this script after the step-time
+loops (one DeepSpeed rank, a moto S3 server on 127.0.0.1; its docstring says what is measured):
+training blocked by an asynchronous checkpoint vs the duration of a synchronous save (target
+<= 0.10), and checkpoint upload throughput vs a raw boto3 upload of the same bytes (target >= 0.9).
+
+Rows: (name, measured, baseline, unit, ratio, target) with target [op, value] or None for rows
+that only explain the one above them.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.05
+OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
 CASES = {
     # name: job overrides on top of the base config below
@@ -139,9 +144,9 @@ def engine_vs_ddp(args, workdir: str) -> list[tuple[str, float, float, str]]:
             bare.append(time_bare_deepspeed(cfg, args.warmup))
             ours.append(time_ours(cfg))
         ours_s, bare_s, ddp_s = (statistics.median(v) for v in (ours, bare, baseline))
-        rows += [(f"step time, {name}: pnet_dist loop / DDP", ours_s, ddp_s, "s"),
-                 (f"  of which DeepSpeed: bare ZeRO-2 engine / DDP", bare_s, ddp_s, "s"),
-                 (f"  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s")]
+        rows += [(f"step time, {name}: pnet_dist loop / DDP", ours_s, ddp_s, "s", ours_s / ddp_s, ["<=", TARGET_RATIO]),
+                 ("  of which DeepSpeed: bare ZeRO-2 engine / DDP", bare_s, ddp_s, "s", bare_s / ddp_s, None),
+                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", ours_s / bare_s, None)]
     return rows
 
 
@@ -161,11 +166,23 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def run_stage(cmd: list[str], env: dict[str, str]) -> list:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROWS ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"benchmark failed: {' '.join(cmd)} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
+    return json.loads(line[len("BENCH_ROWS "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps dropped from the timing (also our log interval)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--checkpoint-params-m", type=float, default=12.0,
+                        help="model size of the checkpoint rows, millions of parameters")
+    parser.add_argument("--checkpoint-repeats", type=int, default=5)
+    parser.add_argument("--skip-checkpoint", action="store_true", help="only the step-time rows")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -174,20 +191,21 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PNET_LOG_LEVEL": "WARNING",
            "PYTHONPATH": str(REPO),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROWS ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.exit(f"benchmark failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
-    rows = json.loads(line[len("BENCH_ROWS "):])
-    print(f"2 ranks (gloo, CPU), ZeRO-2 fp32, {args.steps} steps, {args.warmup} warm-up, median of {args.rounds} rounds")
-    print(f"| {'measure':<66} | {'measured':>10} | {'baseline':>10} | {'ratio':>6} | {'target':>12} |")
-    print(f"|{'-' * 68}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 14}|")
-    for name, ours, baseline, unit in rows:
-        ratio = ours / baseline
-        target = "" if name.startswith(" ") else f"<={TARGET_RATIO} {'ok' if ratio <= TARGET_RATIO else 'MISSED'}"
-        print(f"| {name:<66} | {ours:>8.4f}{unit:>2} | {baseline:>8.4f}{unit:>2} | {ratio:>6.3f} | {target:>12} |")
+    load_at_start = os.getloadavg()[0]
+    rows = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+                      "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}"], env)
+    if not args.skip_checkpoint:
+        rows += run_stage([sys.executable, str(REPO / "tools" / "bench_checkpoint.py"), "--rows-json",
+                           f"--params-m={args.checkpoint_params_m}", f"--repeats={args.checkpoint_repeats}"], env)
+    print(f"step time: 2 ranks (gloo, CPU), ZeRO-2 fp32, {args.steps} steps, {args.warmup} warm-up, median of "
+          f"{args.rounds} rounds; checkpoint: 1 rank, ZeRO-1, moto S3 on 127.0.0.1, median of "
+          f"{args.checkpoint_repeats}; {os.cpu_count()} CPU cores, load average {load_at_start:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end")
+    print(f"| {'measure':<80} | {'measured':>12} | {'baseline':>12} | {'ratio':>6} | {'target':>12} |")
+    print(f"|{'-' * 82}|{'-' * 14}|{'-' * 14}|{'-' * 8}|{'-' * 14}|")
+    for name, ours, baseline, unit, ratio, target in rows:
+        verdict = "" if target is None else f"{target[0]}{target[1]:g} {'ok' if OPS[target[0]](ratio, target[1]) else 'MISSED'}"
+        print(f"| {name:<80} | {ours:>8.4f}{unit:>4} | {baseline:>8.4f}{unit:>4} | {ratio:>6.3f} | {verdict:>12} |")
 
 
 if __name__ == "__main__":
