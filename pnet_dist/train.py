@@ -139,6 +139,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.to(task.device)
         self.train_loader, self.eval_loader = task.build_loaders()
+        self._upload_logged_step: int | None = None
         self.ckpt = CheckpointManager(cfg.run_uri, cfg.checkpoint.keep_last, cfg.checkpoint.async_upload,
                                       cfg.checkpoint.upload_timeout_s, model_name=cfg.model.name,
                                       model_kwargs=task.model_kwargs)
@@ -192,6 +193,7 @@ class Trainer:
         wait_started = time.perf_counter()
         self.ckpt.wait()
         self.writer.scalars(self.state.step, {"ckpt/final_upload_wait_s": time.perf_counter() - wait_started})
+        self.log_finished_upload()
         last_loss = losses[max(losses)] if losses else math.nan
         return {"step": self.state.step, "loss": last_loss, "losses": losses, "eval": eval_results,
                 "resumed_from": resumed_from, "preempted": preempted,
@@ -256,6 +258,7 @@ class Trainer:
     def save(self) -> None:
         wait_started = time.perf_counter()
         self.ckpt.wait()  # the previous upload; save() would wait too -- timed apart from the save itself
+        self.log_finished_upload()
         save_started = time.perf_counter()
         client_state = {"train_state": asdict(self.state), "loader": self.train_loader.state_dict(),
                         "rng": rng_states(), "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -263,6 +266,17 @@ class Trainer:
         self.writer.scalars(self.state.step, {"ckpt/upload_wait_s": save_started - wait_started,
                                               "ckpt/save_s": time.perf_counter() - save_started})
         self.meter.restart()
+
+    def log_finished_upload(self) -> None:
+        """The background write and upload of the last checkpoint, once it is finished, logged at
+        that checkpoint's step (rank 0's figures run until COMPLETE is written)."""
+        stats = self.ckpt.last_upload_stats
+        if stats is None or stats["step"] == self._upload_logged_step:
+            return
+        self._upload_logged_step = stats["step"]
+        self.writer.scalars(stats["step"], {
+            "ckpt/write_s": stats["write_s"], "ckpt/upload_s": stats["upload_s"],
+            "ckpt/upload_mb_per_s": stats["num_bytes"] / 1e6 / max(stats["upload_s"], 1e-9)})
 
     def restore(self, step: int, restore_loader: bool) -> None:
         """Load checkpoint `step` into the engine, counters, EMA, RNG (and the loader position)."""
@@ -402,7 +416,7 @@ class StopSignals:
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
         else:
             # Under Ray Train, pnet_dist.launch installs the handler on the worker's main thread.
-            log.info("not in the main thread: SIGTERM is left to the caller, whose handler calls request_stop()")
+            log.debug("not in the main thread: SIGTERM is left to the caller, whose handler calls request_stop()")
         self._watcher = SpotWatcher() if watch_spot else None
 
     def close(self) -> None:

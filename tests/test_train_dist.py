@@ -274,7 +274,8 @@ def test_tensorboard_event_files_hold_the_scalars(matrix):
                                             "moe/layer0/load_e0", "moe/layer1/router_entropy"})):
         scalars = read_scalars(str(workdir / "runs" / f"{case}_straight" / "tb"))
         expected = {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/mfu",
-                    "perf/data_wait_frac", "ckpt/save_s", "eval/loss"} | must_have
+                    "perf/data_wait_frac", "ckpt/save_s", "ckpt/upload_s", "ckpt/upload_mb_per_s",
+                    "eval/loss"} | must_have
         assert expected <= set(scalars), expected - set(scalars)
         logged = {step: value for step, value in scalars["train/loss"]}
         losses = steps(results[case]["straight"]["losses"])
