@@ -5,6 +5,7 @@ pyarrow and TensorBoard all talk to through AWS_ENDPOINT_URL_S3). It is bound to
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import uuid
@@ -41,6 +42,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` ({name: value or None for unset}) had them."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group for in-process DeepSpeed engines.
+
+    Created once and kept for the rest of the session: DeepSpeed caches the groups it derives
+    from the default group, so a destroyed and re-created one would break later engines.
+    """
+    import torch.distributed as dist
+    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # DeepSpeed's launcher check
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    yield
+    restore_env(saved)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields its endpoint URL and exports it to the environment."""
@@ -59,11 +86,7 @@ def s3_server():
         yield endpoint
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved)
 
 
 @pytest.fixture

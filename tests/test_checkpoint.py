@@ -2,7 +2,6 @@
 checksums, keep-last-k, the local S3 server, retried transient S3 failures, failed uploads."""
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -11,36 +10,12 @@ import threading
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pnet_dist.checkpoint import CheckpointManager, client_state_name, step_dir_name
 from pnet_dist.storage import RetryPolicy
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group for in-process DeepSpeed engines.
-
-    Created once and kept for the rest of the session: DeepSpeed caches the groups it derives
-    from the default group, so a destroyed and re-created one would break later engines.
-    """
-    saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # DeepSpeed's launcher check
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    yield
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture

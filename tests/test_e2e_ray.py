@@ -237,6 +237,20 @@ def wait_for_checkpoint(run_uri: str, at_least: int, job: subprocess.Popen, time
     raise AssertionError(f"no complete checkpoint >= {at_least} under {run_uri} after {timeout_s:.0f}s")
 
 
+def start_job(head: RayHead, job_yaml: Path, run_name: str) -> subprocess.Popen:
+    """`ray job submit` in the background; its output is read with communicate()."""
+    return subprocess.Popen(submit_command(head, job_yaml, run_name, f"{run_name}-{uuid.uuid4().hex[:6]}"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def training_workers_after_first_checkpoint(head: RayHead, run_uri: str, job: subprocess.Popen
+                                            ) -> list[psutil.Process]:
+    wait_for_checkpoint(run_uri, EVERY_STEPS, job)
+    workers = head.processes(name="ray::RayTrainWorker")
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    return workers
+
+
 @pytest.fixture(scope="module")
 def baseline(ray_head, job_yaml, bucket):
     """The uninterrupted run: (result, run folder URI)."""
@@ -266,13 +280,10 @@ def test_same_yaml_after_the_end_resumes_instead_of_restarting(ray_head, job_yam
 
 def test_killed_worker_and_killed_job_resume_to_the_uninterrupted_loss(ray_head, job_yaml, bucket, baseline):
     run_uri = f"{bucket}/runs/interrupted"
-    job = subprocess.Popen(submit_command(ray_head, job_yaml, "interrupted", f"interrupted-{uuid.uuid4().hex[:6]}"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start_job(ray_head, job_yaml, "interrupted")
     try:
         # 1. A worker dies: Ray Train restarts the worker group inside the same job.
-        wait_for_checkpoint(run_uri, EVERY_STEPS, job)
-        workers = ray_head.processes(name="ray::RayTrainWorker")
-        assert len(workers) == 2, [w.cmdline() for w in workers]
+        workers = training_workers_after_first_checkpoint(ray_head, run_uri, job)
         workers[0].send_signal(signal.SIGKILL)
         killed_time = time.monotonic()
         killed_at = complete_steps(run_uri)[-1]
@@ -312,12 +323,9 @@ def test_sigterm_to_a_worker_checkpoints_that_step_and_the_job_finishes(ray_head
     the checkpoint of that step is written, Ray restarts the group, which resumes from exactly that
     step, and the job succeeds with the uninterrupted loss."""
     run_uri = f"{bucket}/runs/sigterm"
-    job = subprocess.Popen(submit_command(ray_head, job_yaml, "sigterm", f"sigterm-{uuid.uuid4().hex[:6]}"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start_job(ray_head, job_yaml, "sigterm")
     try:
-        wait_for_checkpoint(run_uri, EVERY_STEPS, job)
-        workers = ray_head.processes(name="ray::RayTrainWorker")
-        assert len(workers) == 2, [w.cmdline() for w in workers]
+        workers = training_workers_after_first_checkpoint(ray_head, run_uri, job)
         workers[1].send_signal(signal.SIGTERM)
         output, _ = job.communicate(timeout=420)
     finally:

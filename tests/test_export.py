@@ -3,16 +3,12 @@ S3) -> tools/export_checkpoint.py -> create_model(...) loads the fp32 state dict
 a dense LLaMA's hf/ folder loads into transformers' LlamaForCausalLM with the same logits."""
 from __future__ import annotations
 
-import atexit
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pnet_dist.checkpoint import CheckpointManager
 from pnet_dist.export import STATE_DICT_FILE, export_checkpoint, load_exported_state_dict
@@ -23,29 +19,6 @@ pytestmark = pytest.mark.dist  # DeepSpeed engines + zero_to_fp32 subprocesses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import export_checkpoint as export_tool  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group for in-process DeepSpeed engines.
-
-    Created once and kept for the rest of the session: DeepSpeed caches the groups it derives
-    from the default group, so a destroyed and re-created one would break later engines.
-    """
-    saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # DeepSpeed's launcher check
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    yield
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def train_and_save(model_name: str, stage: int, root: str, loss_fn, num_steps: int = 2):

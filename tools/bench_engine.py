@@ -69,24 +69,14 @@ def time_ours(cfg) -> float:
     return statistics.median(times[1:])
 
 
-def time_ddp(cfg, warmup: int) -> float:
-    """Median per-step time of a plain DDP loop over the same model, data, loss and optimizer."""
+def median_step_time(cfg, warmup: int, task, model, backward_and_step) -> float:
+    """Median per-step time (warm-up dropped) of: next batch, forward + loss with the task,
+    backward_and_step(loss), loss.item() -- the baselines' loop, with ours' batches and seeds."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
-    from pnet_dist.optim import build_lr_scheduler, build_param_groups
-    from pnet_dist.tasks import build_task
     from pnet_dist.train import BatchStream, micro_batch_seed
 
     rank = torch.distributed.get_rank()
-    task = build_task(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = task.build_model()
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(build_param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
-                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scheduler = build_lr_scheduler(optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                                   warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps)
     batches = BatchStream(task.build_loaders()[0])
     times = []
     for step in range(cfg.train.max_steps):
@@ -94,15 +84,37 @@ def time_ddp(cfg, warmup: int) -> float:
         _, (batch,) = batches.next(1)
         seed = micro_batch_seed(cfg.train.seed, step, rank)
         torch.manual_seed(seed)
-        loss, _ = task.train_loss(ddp, batch, seed=seed)
+        loss, _ = task.train_loss(model, batch, seed=seed)
+        backward_and_step(loss)
+        loss.item()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[warmup:])
+
+
+def time_ddp(cfg, warmup: int) -> float:
+    """Median per-step time of a plain DDP loop over the same model, data, loss and optimizer."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pnet_dist.optim import build_lr_scheduler, build_param_groups
+    from pnet_dist.tasks import build_task
+
+    task = build_task(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = task.build_model()
+    optimizer = torch.optim.AdamW(build_param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = build_lr_scheduler(optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                                   warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps)
+
+    def backward_and_step(loss) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
-        loss.item()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[warmup:])
+
+    return median_step_time(cfg, warmup, task, DistributedDataParallel(model), backward_and_step)
 
 
 def time_bare_deepspeed(cfg, warmup: int) -> float:
@@ -113,25 +125,16 @@ def time_bare_deepspeed(cfg, warmup: int) -> float:
 
     from pnet_dist.engine import build_engine
     from pnet_dist.tasks import build_task
-    from pnet_dist.train import BatchStream, micro_batch_seed
 
-    rank = torch.distributed.get_rank()
     task = build_task(cfg)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, task.build_model(), torch.distributed.get_world_size())
-    batches = BatchStream(task.build_loaders()[0])
-    times = []
-    for step in range(cfg.train.max_steps):
-        started = time.perf_counter()
-        _, (batch,) = batches.next(1)
-        seed = micro_batch_seed(cfg.train.seed, step, rank)
-        torch.manual_seed(seed)
-        loss, _ = task.train_loss(engine, batch, seed=seed)
+
+    def backward_and_step(loss) -> None:
         engine.backward(loss)
         engine.step()
-        loss.item()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[warmup:])
+
+    return median_step_time(cfg, warmup, task, engine, backward_and_step)
 
 
 def engine_vs_ddp(args, workdir: str) -> list[tuple[str, float, float, str]]:
