@@ -198,7 +198,7 @@ def main() -> None:
         print(f"| training blocked by save() (async) vs sync save | {blocking_med:.3f} s | {sync_med:.3f} s | "
               f"{blocking_med / sync_med:.3f} | <= 0.10 |")
         print(f"| training stall incl. CPU shared with the background write/upload and moto | {stall_med:.3f} s | "
-              f"{sync_med:.3f} s | {stall_med / sync_med:.3f} | <= 0.10 |")
+              f"{sync_med:.3f} s | {stall_med / sync_med:.3f} | (explains the row above) |")
         print(f"| upload throughput vs raw boto3 upload_file | {num_bytes / ours_med / 1e6:.1f} MB/s | "
               f"{num_bytes / raw_med / 1e6:.1f} MB/s | {raw_med / ours_med:.3f} | >= 0.9 |")
         if args.rows_json:
