@@ -61,6 +61,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from pnet_dist.dist import get_rank, get_world_size, rank0_decides
 from pnet_dist.log import get_logger
 from pnet_dist.models.moe import moe_layers
 from pnet_dist.storage import RetryPolicy, is_s3, open_storage
@@ -99,12 +100,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _uses_moe_format(engine) -> bool:
@@ -159,9 +154,9 @@ class CheckpointManager:
         checkpoint is left as it is.
         """
         self.wait()
-        rank, world = _rank_world()
+        rank, world = get_rank(), get_world_size()
         name = step_dir_name(step)
-        if self._rank0_decides(lambda: self._clear_step_unless_complete(name)):
+        if rank0_decides(lambda: self._clear_step_unless_complete(name)):
             log.info("checkpoint %s is already complete; not saving it again", self.storage.uri(f"{CKPT_DIR}/{name}"))
             return
         started = time.monotonic()
@@ -198,9 +193,8 @@ class CheckpointManager:
             if writes is not None:
                 writes.write_all()
             files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
-            num_bytes = sum((step_dir / rel).stat().st_size for rel in files)
             upload_started = time.monotonic()
-            self._upload(name, step_dir, files, rank, info)
+            num_bytes = self._upload(name, step_dir, files, rank, info)
             prune_started = time.monotonic()
             if rank == 0:
                 self._prune()
@@ -261,14 +255,14 @@ class CheckpointManager:
         client_state (the engine re-seeds per-rank RNGs; see saved_world_size()).
         """
         self.wait()
-        rank, world = _rank_world()
+        rank, world = get_rank(), get_world_size()
         self._check_same_everywhere(step, "step")
         name = step_dir_name(step)
         prefix = f"{CKPT_DIR}/{name}"
         # Rank 0 validates the manifest (one pass over storage, not one per rank); every rank
         # checks the files it reads, and all agree before DeepSpeed's first collective: one
         # rank's corrupted shard must fail every rank, not hang the others.
-        manifest = self._rank0_decides(lambda: self._valid_manifest(prefix))
+        manifest = rank0_decides(lambda: self._valid_manifest(prefix))
         self._all_ok(lambda: self._check_loadable(engine, manifest, prefix))
         saved_world = manifest["world_size"]
         own_state = client_state_name(rank)
@@ -280,7 +274,7 @@ class CheckpointManager:
         if universal:
             log.info("checkpoint %s was saved on %d ranks, this job has %d: loading its universal form",
                      self.storage.uri(prefix), saved_world, world)
-            universal_manifest = self._rank0_decides(lambda: self._ensure_universal(name, manifest))
+            universal_manifest = rank0_decides(lambda: self._ensure_universal(name, manifest))
         download_dir = self._staging / "load"
         shutil.rmtree(download_dir, ignore_errors=True)
         try:
@@ -349,7 +343,8 @@ class CheckpointManager:
             log.error("checkpoint upload failed: %s", exc)
             self._error = exc
 
-    def _upload(self, name: str, step_dir: Path, files: list[str], rank: int, info: dict) -> None:
+    def _upload(self, name: str, step_dir: Path, files: list[str], rank: int, info: dict) -> int:
+        """Publish this rank's files and receipt (rank 0 then completes the checkpoint); its bytes."""
         deadline = time.monotonic() + self.upload_timeout_s
         prefix = f"{CKPT_DIR}/{name}"
         started = time.monotonic()
@@ -362,6 +357,7 @@ class CheckpointManager:
                  num_bytes / 1e6, time.monotonic() - started)
         if rank == 0:
             self._finalize(name, info, deadline)
+        return num_bytes
 
     def _publish_files(self, src_dir: Path, files: list[str], prefix: str, deadline: float) -> dict:
         """Upload (or, on a local root, move) files; returns {rel: {size, sha256}}."""
@@ -447,18 +443,25 @@ class CheckpointManager:
                 self.storage.delete_prefix(f"{CKPT_DIR}/{name}/")
 
     # -- reading ---------------------------------------------------------------------------
-    def _list_steps(self) -> dict[str, set[str]]:
-        """{step folder name: keys under it (relative)} for every step folder in storage."""
-        steps: dict[str, set[str]] = {}
-        for key in self.storage.list(f"{CKPT_DIR}/"):
+    def _list_steps(self) -> dict[str, dict[str, int]]:
+        """{step folder name: {key under it (relative): size}} for every step folder in storage."""
+        steps: dict[str, dict[str, int]] = {}
+        for key, size in self.storage.list_sizes(f"{CKPT_DIR}/").items():
             parts = key.split("/", 2)
             if len(parts) == 3 and _STEP_RE.match(parts[1]):
-                steps.setdefault(parts[1], set()).add(parts[2])
+                steps.setdefault(parts[1], {})[parts[2]] = size
         return steps
 
-    def _read_manifest(self, prefix: str, keys: set[str] | None, verify: str = "size") -> tuple[dict | None, str | None]:
-        """(manifest, None) if the checkpoint at prefix is complete and intact, else (None, reason)."""
-        if keys is not None and COMPLETE not in keys:
+    def _read_manifest(self, prefix: str, sizes: dict[str, int] | None,
+                       verify: str = "size") -> tuple[dict | None, str | None]:
+        """(manifest, None) if the checkpoint at prefix is complete and intact, else (None, reason).
+
+        sizes: {key under prefix: size} from a listing the caller already has; None lists prefix
+        here. Presence and size of every file are checked against the listing (one request per
+        1,000 keys, not one per file)."""
+        if sizes is None:
+            sizes = {key[len(prefix) + 1:]: size for key, size in self.storage.list_sizes(f"{prefix}/").items()}
+        if COMPLETE not in sizes:
             return None, "no COMPLETE marker (the save or its upload was interrupted)"
         try:
             marker = self.storage.get_bytes(f"{prefix}/{COMPLETE}").decode().strip()
@@ -472,9 +475,8 @@ class CheckpointManager:
         except json.JSONDecodeError as exc:
             return None, f"{MANIFEST} is not valid JSON: {exc}"
         for rel, meta in manifest["files"].items():
-            try:
-                size = self.storage.size(f"{prefix}/{rel}")
-            except FileNotFoundError:
+            size = sizes.get(rel)
+            if size is None:
                 return None, f"file {rel} listed in {MANIFEST} is missing"
             if size != meta["size"]:
                 return None, f"file {rel} has {size} bytes, {MANIFEST} says {meta['size']} (truncated or overwritten)"
@@ -558,30 +560,10 @@ class CheckpointManager:
         self._staging.mkdir(parents=True, exist_ok=True)
         return self._staging
 
-    def _rank0_decides(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on rank 0 and give its result (or its error) to every rank."""
-        rank, world = _rank_world()
-        outcome: list[Any] = [None]
-        error = None
-        if rank == 0:
-            try:
-                outcome = [("ok", fn())]
-            except Exception as exc:  # noqa: BLE001 -- re-raised on every rank below
-                error = exc
-                outcome = [("error", f"{type(exc).__name__}: {exc}")]
-        if world > 1:
-            dist.broadcast_object_list(outcome, src=0)
-        if error is not None:
-            raise error
-        status, value = outcome[0]
-        if status == "error":
-            raise RuntimeError(f"rank 0 failed: {value}")
-        return value
-
     @staticmethod
     def _all_ok(fn: Callable[[], Any]) -> Any:
         """Run fn on every rank; if it fails on any rank, raise on all of them."""
-        rank, world = _rank_world()
+        world = get_world_size()
         error = None
         try:
             value = fn()
@@ -599,7 +581,7 @@ class CheckpointManager:
 
     @staticmethod
     def _check_same_everywhere(value: int, what: str) -> None:
-        rank, world = _rank_world()
+        world = get_world_size()
         if world == 1:
             return
         values: list[Any] = [None] * world

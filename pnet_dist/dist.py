@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 _CREATED_HERE = False
+T = TypeVar("T")
 
 
 def init_distributed(timeout_s: float = 1800.0) -> None:
@@ -27,7 +29,7 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         return
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
@@ -67,11 +69,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> list[float]:
     """Sum the `stats` vector over ranks (returned as floats) and replace each tensor in `average`
     by its mean over ranks, in place -- all in ONE collective, in float64."""
@@ -103,13 +100,33 @@ def broadcast_object(obj):
     return box[0]
 
 
+def rank0_decides(fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 and give its result -- or its error -- to every rank: a failure on rank 0
+    raises everywhere instead of leaving the other ranks waiting in the broadcast."""
+    outcome: tuple[str, Any] | None = None
+    error = None
+    if get_rank() == 0:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 -- re-raised on every rank below
+            error = exc
+            outcome = ("error", f"{type(exc).__name__}: {exc}")
+    status, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
 def _collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return device()
     return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

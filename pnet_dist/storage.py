@@ -96,6 +96,25 @@ class Storage:
     def _local(self, key: str) -> Path:
         return Path(self.root) / key
 
+    def _s3_read(self, fn: Callable[[], T], key: str, what: str) -> T:
+        """fn (one S3 request about `key`), retried; a missing key raises FileNotFoundError at once."""
+        def call():
+            try:
+                return fn()
+            except self._client_error() as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(self.uri(key)) from exc
+                raise
+        return with_retries(call, f"{what} {self.uri(key)}", self.retry)
+
+    def _write_local(self, key: str, write: Callable[[Path], None]) -> None:
+        """write(tmp) into key's .partial sibling, then renamed over key: readers never see half a file."""
+        dest = self._local(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        write(tmp)
+        os.replace(tmp, dest)
+
     # -- interface -----------------------------------------------------------------------
     def put_file(self, local_path: str | os.PathLike, key: str) -> None:
         if is_s3(self.root):
@@ -104,23 +123,13 @@ class Storage:
             with_retries(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=config),
                          f"upload {local_path} -> {self.uri(key)}", self.retry)
         else:
-            dest = self._local(key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".partial")
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
+            self._write_local(key, lambda tmp: shutil.copyfile(local_path, tmp))
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         if is_s3(self.root):
-            def download():
-                try:
-                    self.client.download_file(self.bucket, self._key(key), str(local_path))
-                except self._client_error() as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                        raise FileNotFoundError(self.uri(key)) from exc
-                    raise
-            with_retries(download, f"download {self.uri(key)}", self.retry)
+            self._s3_read(lambda: self.client.download_file(self.bucket, self._key(key), str(local_path)),
+                          key, "download")
         else:
             if not self._local(key).exists():
                 raise FileNotFoundError(self.uri(key))
@@ -131,22 +140,12 @@ class Storage:
             with_retries(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data),
                          f"put {self.uri(key)}", self.retry)
         else:
-            dest = self._local(key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".partial")
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
+            self._write_local(key, lambda tmp: tmp.write_bytes(data))
 
     def get_bytes(self, key: str) -> bytes:
         if is_s3(self.root):
-            def get():
-                try:
-                    return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-                except self._client_error() as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                        raise FileNotFoundError(self.uri(key)) from exc
-                    raise
-            return with_retries(get, f"get {self.uri(key)}", self.retry)
+            return self._s3_read(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(),
+                                 key, "get")
         path = self._local(key)
         if not path.exists():
             raise FileNotFoundError(self.uri(key))
@@ -161,14 +160,8 @@ class Storage:
 
     def size(self, key: str) -> int:
         if is_s3(self.root):
-            def head():
-                try:
-                    return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
-                except self._client_error() as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                        raise FileNotFoundError(self.uri(key)) from exc
-                    raise
-            return with_retries(head, f"head {self.uri(key)}", self.retry)
+            return self._s3_read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"],
+                                 key, "head")
         path = self._local(key)
         if not path.is_file():
             raise FileNotFoundError(self.uri(key))
@@ -176,24 +169,36 @@ class Storage:
 
     def list(self, prefix: str = "") -> list[str]:
         """Every key under prefix (recursive), relative to the root, sorted."""
+        return sorted(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} for every key under prefix (recursive), keys relative to the root:
+        one listing, where size() per key would be one request each."""
         if is_s3(self.root):
             def list_all():
-                keys = []
+                sizes = {}
                 paginator = self.client.get_paginator("list_objects_v2")
-                full = self._key(prefix)
-                for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                     for obj in page.get("Contents", []):
-                        keys.append(obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"])
-                return sorted(keys)
+                        sizes[obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]] = obj["Size"]
+                return sizes
             return with_retries(list_all, f"list {self.uri(prefix)}", self.retry)
         base = Path(self.root)
         start = base / prefix
         if not start.exists():
-            return []
+            return {}
         if start.is_file():
-            return [prefix]
-        return sorted(str(p.relative_to(base)) for p in start.rglob("*")
-                      if p.is_file() and not p.name.endswith(".partial"))
+            return {prefix: start.stat().st_size}
+        sizes = {}
+        for path in start.rglob("*"):
+            if path.name.endswith(".partial"):
+                continue
+            try:
+                if path.is_file():
+                    sizes[str(path.relative_to(base))] = path.stat().st_size
+            except FileNotFoundError:  # removed while listed (another rank pruning)
+                continue
+        return sizes
 
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under prefix."""

@@ -154,7 +154,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        resumed_from = dist.broadcast_object(self.ckpt.latest_complete() if dist.is_main() else None)
+        resumed_from = dist.rank0_decides(self.ckpt.latest_complete)
         if resumed_from is not None:
             self.restore(resumed_from, restore_loader=True)
             log.info("resumed from checkpoint step %d", resumed_from)
@@ -295,7 +295,7 @@ class Trainer:
         """Back to the last complete checkpoint; the loader keeps its position (bad batches are not replayed)."""
         failed = self.state
         self.ckpt.wait()
-        step = dist.broadcast_object(self.ckpt.latest_complete() if dist.is_main() else None)
+        step = dist.rank0_decides(self.ckpt.latest_complete)
         if step is None:
             raise RuntimeError(f"step {failed.step}: {failed.nonfinite_in_row} non-finite losses in a row and no "
                                f"complete checkpoint under {self.cfg.run_uri} to reload; lower optim.lr or "

@@ -23,19 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 96
 BATCH = 4
 SEED = 7
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, env: dict, plan: dict, out_path: str) -> None:
@@ -75,7 +70,7 @@ def forkserver():
 
 
 def _launch(ctx, world: int, plan: dict, tmp: Path, tag: str, timeout: float = 120) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_"))}
     outs = [str(tmp / f"{tag}_rank{r}.json") for r in range(world)]
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, env, plan, outs[r])) for r in range(world)]
@@ -166,7 +161,7 @@ def test_killed_run_leaves_shared_memory_that_the_restart_cleans(s3_images, fork
     uri = s3_images[0]
     cache = str(tmp_path / "cache")
     local_dir = None
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_"))}
     out = str(tmp_path / "killed.json")
     proc = forkserver.Process(target=_rank_main, args=(0, 1, port, env, {"uri": uri, "cache_dir": cache,

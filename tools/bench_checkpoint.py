@@ -49,11 +49,7 @@ os.environ.setdefault("PNET_LOG_LEVEL", "WARNING")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from pnet_dist.dist import free_port  # noqa: E402
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
