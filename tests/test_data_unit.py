@@ -146,6 +146,12 @@ def test_image_folder_conversion_skips_corrupt_and_resumes(tmp_path):
     assert [name for name, _ in again.skipped] == [str(bad)]
     with pytest.raises(ValueError, match="was written with options"):
         convert_images(str(src), str(out), images_per_part=5, max_side=16)
+    # The labels live in the shards: another class index is another conversion, and the refused
+    # re-run leaves the class index of the shards on disk.
+    with pytest.raises(ValueError, match="was written with options"):
+        convert_images(str(src), str(out), images_per_part=5,
+                       class_index={"n00000000": 2, "n00000001": 1, "n00000002": 0})
+    assert read_class_index(str(out)) == {"n00000000": 0, "n00000001": 1, "n00000002": 2}
 
 
 def test_synset_tars_are_read(tmp_path):

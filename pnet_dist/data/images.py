@@ -14,6 +14,7 @@ max_side are re-encoded to RGB JPEG.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -217,15 +218,14 @@ def write_image_items(items: ImageItems, out_uri: str, *, images_per_part: int =
                       source: str = "") -> ConversionSummary:
     order = np.random.default_rng(seed).permutation(len(items))
     parts = np.array_split(order, max(1, -(-len(items) // images_per_part)))
-    storage = open_storage(out_uri)
-    class_index = {synset: label for label, synset in enumerate(items.synsets)}
-    storage.put_bytes(json.dumps(class_index, indent=0).encode(), CLASS_INDEX)
+    class_index = json.dumps({synset: label for label, synset in enumerate(items.synsets)}, indent=0).encode()
     meta = {"kind": "image", "num_classes": len(items.synsets), "source": source, "format": "jpeg"}
-    summary = write_parts(out_uri, len(parts), functools.partial(_write_image_part, items, parts, max_side, quality),
-                          num_workers=num_workers, total_inputs=len(items), desc="images", meta=meta,
-                          options={"num_items": len(items), "images_per_part": images_per_part, "seed": seed,
-                                   "max_side": max_side, "quality": quality})
-    return summary
+    # The labels are in the shards: a re-run with another class index must not reuse their parts.
+    options = {"num_items": len(items), "images_per_part": images_per_part, "seed": seed, "max_side": max_side,
+               "quality": quality, "class_index_sha256": hashlib.sha256(class_index).hexdigest()}
+    return write_parts(out_uri, len(parts), functools.partial(_write_image_part, items, parts, max_side, quality),
+                       num_workers=num_workers, total_inputs=len(items), desc="images", meta=meta,
+                       options=options, side_files={CLASS_INDEX: class_index})
 
 
 # -- reading -------------------------------------------------------------------------------------------

@@ -131,12 +131,15 @@ def _run_part(write_part: Callable[[int, str], PartResult], out_uri: str, option
 
 def write_parts(out_uri: str, num_parts: int, write_part: Callable[[int, str], PartResult], *,
                 num_workers: int = 1, total_inputs: int | None = None, desc: str = "converting",
-                meta: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> ConversionSummary:
+                meta: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+                side_files: dict[str, bytes] | None = None) -> ConversionSummary:
     """Write parts 0..num_parts-1 with write_part(index, part_uri), skipping finished ones, then merge.
 
     write_part must be picklable when num_workers > 1 (a top-level function or functools.partial).
     meta is merged into dataset.json together with num_samples. options (everything that decides a
-    part's content) are kept in each done.json; a re-run with other options is refused.
+    part's content) are kept in each done.json; a re-run with other options is refused. side_files
+    ({name: bytes} beside the shards, e.g. the class index or the tokenizer) are written once that
+    check has passed, so a refused re-run leaves the files of the earlier one as they were.
     """
     from tqdm import tqdm
 
@@ -152,6 +155,8 @@ def write_parts(out_uri: str, num_parts: int, write_part: Callable[[int, str], P
             raise ValueError(f"{join(out_uri, part_name(index))} was written with options {done.get('options')}, "
                              f"this run asks for {options}: write to a new output or delete {out_uri} first")
         results[index] = PartResult(index, done["num_samples"], [tuple(s) for s in done["skipped"]], done["extra"])
+    for name, data in (side_files or {}).items():
+        storage.put_bytes(data, name)
     num_reused = len(results)
     todo = [i for i in range(num_parts) if i not in results]
     if num_reused:

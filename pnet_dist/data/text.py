@@ -24,7 +24,6 @@ import numpy as np
 from pnet_dist.data.shards import (SHARD_SIZE_LIMIT, ConversionSummary, PartResult, ShardLoader, count_progress,
                                    dataset_info, streaming_kwargs, write_parts)
 from pnet_dist.log import get_logger
-from pnet_dist.storage import open_storage
 
 log = get_logger(__name__)
 
@@ -165,7 +164,6 @@ def convert_text(inputs: list[str], out_uri: str, *, seq_len: int, tokenizer_pat
     eos_id = find_eos(tokenizer, eos_token)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
-    open_storage(out_uri).put_bytes(tokenizer_json.encode(), TOKENIZER)
     if num_workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per file already
     meta = {"kind": "text", "vocab_size": vocab, "eos_id": eos_id, "seq_len": seq_len, "dtype": dtype,
@@ -174,7 +172,7 @@ def convert_text(inputs: list[str], out_uri: str, *, seq_len: int, tokenizer_pat
     options = {"files": files, "seq_len": seq_len, "field": field, "eos_id": eos_id,
                "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest()}
     return write_parts(out_uri, len(files), write, num_workers=num_workers, desc="documents", meta=meta,
-                       options=options)
+                       options=options, side_files={TOKENIZER: tokenizer_json.encode()})
 
 
 # -- reading -------------------------------------------------------------------------------------------
