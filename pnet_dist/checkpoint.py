@@ -317,15 +317,17 @@ class CheckpointManager:
                              f"{manifest['zero_stage']} to resume it (or export it and start from the export "
                              "with train.init_from)")
 
-    def fetch(self, step: int, dest_dir: str | os.PathLike) -> tuple[Path, dict]:
-        """Every file of complete checkpoint `step` in a local folder, checksums verified.
+    def fetch(self, step: int, dest_dir: str | os.PathLike,
+              wanted: Callable[[str], bool] = lambda rel: True) -> tuple[Path, dict]:
+        """The files of complete checkpoint `step` that `wanted` (relative path -> bool) picks, in a
+        local folder, checksums verified.
 
         Returns (folder, manifest); the folder is the checkpoint itself on a local root (nothing
         copied), dest_dir/step_XXXXXXXX on s3://. For export and inspection, not for resuming.
         """
         prefix = f"{CKPT_DIR}/{step_dir_name(step)}"
         manifest = self._valid_manifest(prefix)
-        return self._fetch(prefix, manifest, Path(dest_dir) / step_dir_name(step), lambda rel: True), manifest
+        return self._fetch(prefix, manifest, Path(dest_dir) / step_dir_name(step), wanted), manifest
 
     # -- saving ----------------------------------------------------------------------------
     def _clear_step_unless_complete(self, name: str) -> bool:

@@ -54,7 +54,6 @@ class DataConfig:
     shuffle_seed: int = 42
     num_canonical_nodes: Optional[int] = None
     cache_dir: Optional[str] = None
-    steps_per_epoch: Optional[int] = None      # derived from the dataset size otherwise
 
 
 @dataclass
@@ -326,6 +325,7 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
         "checkpoint.every_steps": cfg.checkpoint.every_steps, "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "metrics.log_every_steps": cfg.metrics.log_every_steps, "scaling.num_workers": cfg.scaling.num_workers,
         "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
+        "checkpoint.upload_timeout_s": cfg.checkpoint.upload_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -337,7 +337,6 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
         "optim.grad_clip": cfg.optim.grad_clip, "optim.min_lr": cfg.optim.min_lr,
         "train.eval_every_steps": cfg.train.eval_every_steps, "train.moe_aux_coef": cfg.train.moe_aux_coef,
         "scaling.max_failures": cfg.scaling.max_failures,
-        "checkpoint.upload_timeout_s": cfg.checkpoint.upload_timeout_s,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -64,7 +64,9 @@ def consolidated_state_dict(root_uri: str, step: int | None = None, *, ema_key: 
     manager = CheckpointManager(root_uri, keep_last=1, async_upload=False)
     step = _resolve_step(manager, step)
     with tempfile.TemporaryDirectory(prefix="pnet_export_") as tmp:
-        step_dir, manifest = manager.fetch(step, tmp)
+        # The EMA weights are in rank 0's client_state alone: no need for the shards.
+        wanted = (lambda rel: rel == client_state_name(0)) if ema_key is not None else (lambda rel: True)
+        step_dir, manifest = manager.fetch(step, tmp, wanted)
         if ema_key is not None:
             client_state = torch.load(step_dir / client_state_name(0), map_location="cpu", weights_only=False)
             if ema_key not in client_state:

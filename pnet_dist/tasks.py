@@ -153,7 +153,7 @@ class CausalLMTask(_Task):
             raise ValueError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len="
                              f"{model.cfg.max_seq_len}; lower data.seq_len or set model.kwargs.max_seq_len")
         self.vocab_size = model.cfg.vocab_size
-        self.flops_per_sample = 6.0 * active_params(model) * self.cfg.data.seq_len
+        self.flops_per_sample = 6.0 * model.num_active_params() * self.cfg.data.seq_len
         return model
 
     def build_loaders(self) -> tuple[object, object | None]:
@@ -191,14 +191,6 @@ class CausalLMTask(_Task):
         return batch[0].shape[0], batch[0].numel()
 
 
-def active_params(model: nn.Module) -> int:
-    """Parameters one token passes through: all but the embedding table, one expert per MoE layer."""
-    from pnet_dist.models.moe import moe_layers
-    total = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name.split(".")[0])
-    for layer in moe_layers(model):
-        expert_params = sum(p.numel() for p in layer.experts.parameters())
-        total -= expert_params - expert_params // layer.num_local_experts
-    return total
 
 
 def _vision_macs(name: str, kwargs: dict, image_size: int) -> int:

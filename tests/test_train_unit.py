@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pnet_dist.config import config_from_dict
-from pnet_dist.tasks import SyntheticLoader, active_params, build_task, soft_target_cross_entropy
+from pnet_dist.tasks import SyntheticLoader, build_task, soft_target_cross_entropy
 
 pytestmark = pytest.mark.unit
 
@@ -73,8 +73,8 @@ def test_lm_task_passes_the_aux_coefficient_and_counts_active_params():
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel()
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    assert active_params(model) == total - embedding - expert_params * 3 // 4   # top-1 of 4 experts
-    assert task.flops_per_sample == 6 * active_params(model) * 16
+    assert model.num_active_params() == total - embedding - expert_params * 3 // 4   # top-1 of 4 experts
+    assert task.flops_per_sample == 6 * model.num_active_params() * 16
     batch = next(iter(task.build_loaders()[0]))
     loss, extras = task.train_loss(model, batch, seed=0)
     assert torch.allclose(loss, extras["lm_loss"] + extras["aux_loss"]) and extras["aux_loss"] > 0

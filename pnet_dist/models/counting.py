@@ -11,10 +11,7 @@ the input given (per image; per sequence for token models), grouped into kinds:
   routing  the routers' Linear layers (DynamicConv2d's GAP -> Linear; MoE routers)
   expert   the Linear experts of a top-1 MoE (on a real forward each sees only its tokens)
 
-A module whose arithmetic the hooks cannot see (a functional attention matmul, an expert bank
-stored as one tensor) can define `count_macs(inputs, output) -> dict[kind, int]`; its own
-counts (with its own kinds) then replace those of its children. Pooling, normalisation and activations are not
-counted (as in the paper's FLOPs columns).
+Pooling, normalisation and activations are not counted (as in the paper's FLOPs columns).
 
 Token models (LLaMA, with or without top-1 MoE projections) are counted analytically by
 `count_token_model`, because top-1 routing is data-dependent and cannot run on meta tensors:
@@ -78,8 +75,6 @@ def _conv_macs(output: torch.Tensor, kernel_elements: int) -> int:
 
 
 def _module_macs(module: nn.Module, inputs: tuple, output) -> dict[str, int]:
-    if hasattr(module, "count_macs"):
-        return dict(module.count_macs(inputs, output))
     if isinstance(module, DynamicConv2d):
         batch = inputs[0].shape[0]
         mixed = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
@@ -94,23 +89,16 @@ def _module_macs(module: nn.Module, inputs: tuple, output) -> dict[str, int]:
 
 
 def _counted_modules(model: nn.Module) -> dict[nn.Module, str | None]:
-    """Modules to hook, each with a kind override (routers -> 'routing', MoE experts -> 'expert');
-    self-counting modules' children are left out so nothing is counted twice."""
+    """Modules to hook, each with a kind override (routers -> 'routing', MoE experts -> 'expert')."""
     chosen: dict[nn.Module, str | None] = {}
-    skip: set[int] = set()
     override: dict[int, str] = {}
     for module in model.modules():
-        if id(module) in skip:
-            continue
         if is_top1_moe(module):
             override.update((id(m), "routing") for m in module.router.modules())
             override.update((id(m), "expert") for m in module.experts.modules())
-        if hasattr(module, "count_macs") or isinstance(module, DynamicConv2d):
+        if isinstance(module, DynamicConv2d):
             chosen[module] = None
-            if isinstance(module, DynamicConv2d):
-                override.update((id(m), "routing") for m in module.router.modules())
-            else:
-                skip.update(id(m) for m in module.modules() if m is not module)
+            override.update((id(m), "routing") for m in module.router.modules())
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             chosen[module] = override.get(id(module))
     return chosen
