@@ -399,12 +399,11 @@ class CheckpointManager:
         pending, receipts = set(range(info["world_size"])), {}
         delay = 0.02
         while True:
+            present = set(self.storage.list(f"{prefix}/"))  # one listing a round, not a GET per missing rank
             for rank in sorted(pending):
-                try:
+                if f"{prefix}/{receipt_name(rank)}" in present:
                     receipts[rank] = json.loads(self.storage.get_bytes(f"{prefix}/{receipt_name(rank)}"))
-                except FileNotFoundError:
-                    continue
-                pending.discard(rank)
+                    pending.discard(rank)
             if not pending:
                 break
             if time.monotonic() > deadline:
