@@ -23,9 +23,12 @@ DEBUG_HELP = "Add --debug (or set PNET_LOG_LEVEL=DEBUG) to see the traceback of 
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line message is joined with ' | ')."""
-    text = str(error) or type(error).__name__
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    """The error's message on one line: a multi-line message joined with ' | ', or, when it carries
+    a traceback (torch's DataLoader re-raises a loader process's error with it), its last line."""
+    lines = [line.strip() for line in (str(error) or type(error).__name__).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[-1]
+    return " | ".join(lines)
 
 
 def debug_requested(argv: list[str]) -> bool:

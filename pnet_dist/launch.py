@@ -384,11 +384,19 @@ class DriverStop:
         self.channel = None
         self._signalled = threading.Event()
         self._finished = threading.Event()
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous: dict = {}
+        self.install()
         self._thread = threading.Thread(target=self._serve, name="pnet-driver-stop", daemon=True)
         self._thread.start()
+
+    def install(self) -> None:
+        """(Re)install the handlers: ray.init() puts Ray's own SIGTERM handler (a stack dump, then
+        death) in place, so this runs again once Ray is connected. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -439,6 +447,7 @@ def launch(cfg: JobConfig, source: str = "<config>") -> dict:
     try:
         preflight.check_job(cfg, source)
         started_local = connect_ray(cfg.scaling.ray_address)
+        driver_stop.install()
         preflight.check_paths(cfg, source, single_machine=started_local or runs_on_this_machine(cfg))
         if started_local:
             check_local_capacity(cfg)

@@ -175,6 +175,10 @@ def _check_run_folder(cfg: JobConfig, source: str) -> None:
         _check_local_writable("checkpoint.uri", uri, source)
     if cfg.metrics.logdir and is_local_path(cfg.metrics.logdir):
         _check_local_writable("metrics.logdir", cfg.metrics.logdir, source)
+    init_from = cfg.train.init_from
+    if init_from and is_local_path(init_from) and not os.path.exists(os.path.expanduser(init_from)):
+        raise ValueError(f"{source}: train.init_from={init_from} does not exist; give the folder "
+                         "tools/export_checkpoint.py wrote")
     run = storage.open_storage(cfg.run_uri)
     if not run.list("ckpt"):
         return
