@@ -181,9 +181,11 @@ class _EndOnDeterministicError(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         for rank, error in sorted(worker_exceptions.items()):
             if isinstance(error, DETERMINISTIC_ERRORS):
-                raise DeterministicWorkerError(
-                    f"rank {rank} failed with {type(error).__name__}: {cli.one_line(error)} -- not retried: "
-                    "restarting cannot fix a config or data error")
+                message = cli.one_line(error)
+                if not message.startswith(f"{type(error).__name__}:"):   # a re-raised traceback names it already
+                    message = f"{type(error).__name__}: {message}"
+                raise DeterministicWorkerError(f"rank {rank} failed with {message} -- not retried: restarting "
+                                               "cannot fix a config or data error")
 
 
 @ray.remote(num_cpus=0)

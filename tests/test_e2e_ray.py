@@ -179,7 +179,7 @@ class RayHead:
         submit job"); a no-op job goes through once it has."""
         deadline = time.monotonic() + timeout_s
         while True:
-            proc = subprocess.run([RAY, "job", "submit", "--address", self.address, "--no-wait", "--", "true"],
+            proc = subprocess.run([RAY, "job", "submit", "--address", self.address, "--", "true"],
                                   capture_output=True, text=True, timeout=60, env=self.env())
             if proc.returncode == 0:
                 return
