@@ -114,8 +114,11 @@ class ScalingConfig:
     num_workers: int = 1                       # Ray workers = ranks
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    max_failures: int = 0
+    max_failures: int = 0                      # worker-group restarts after a failure; -1 = without limit
     ray_address: Optional[str] = None
+    # True when the job's local paths (data, checkpoint.uri, metrics.logdir) are on a filesystem
+    # that every node mounts at the same path (NFS, EFS, FSx): then a multi-node cluster may use them.
+    shared_filesystem: bool = False
 
 
 @dataclass
@@ -162,7 +165,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> JobCo
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+        raise ValueError(yaml_error_line(path, exc)) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -170,6 +173,16 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> JobCo
     for item in overrides:
         apply_override(raw, item, path)
     return config_from_dict(raw, source=path)
+
+
+def yaml_error_line(path: str, exc: yaml.YAMLError) -> str:
+    """'FILE:LINE:COLUMN: what is wrong' for a YAML syntax error (lines and columns from 1)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = " ".join(part for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
+    if "'\\t'" in problem:  # PyYAML names the character as '\t'
+        problem += " (indent with spaces; YAML does not allow tabs there)"
+    return f"{where}: not valid YAML: {problem or exc}"
 
 
 def apply_override(raw: dict, item: str, source: str = "<overrides>") -> None:
@@ -336,7 +349,6 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip, "optim.min_lr": cfg.optim.min_lr,
         "train.eval_every_steps": cfg.train.eval_every_steps, "train.moe_aux_coef": cfg.train.moe_aux_coef,
-        "scaling.max_failures": cfg.scaling.max_failures,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -344,6 +356,8 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
     for key, value in (("data.hflip", cfg.data.hflip), ("data.label_smoothing", cfg.data.label_smoothing)):
         if not 0.0 <= value <= 1.0:
             fail(key, f"must be in [0, 1], got {value}")
+    if cfg.scaling.max_failures < -1:
+        fail("scaling.max_failures", f"must be >= 0, or -1 to restart without limit, got {cfg.scaling.max_failures}")
     if not 0.0 < cfg.data.crop_pct <= 1.0:
         fail("data.crop_pct", f"must be in (0, 1], got {cfg.data.crop_pct}")
 
@@ -399,3 +413,39 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
             and cfg.model.kwargs["aux_loss_coef"] != train.moe_aux_coef:
         fail("model.kwargs.aux_loss_coef", f"({cfg.model.kwargs['aux_loss_coef']}) contradicts train.moe_aux_coef "
              f"({train.moe_aux_coef}); set only train.moe_aux_coef")
+
+
+# -- the DeepSpeed settings a mixture-of-experts model trains under --------------------------
+def check_moe_deepspeed(cfg: JobConfig, source: str = "<config>") -> None:
+    """THE place that decides which DeepSpeed settings a model with MoE projections trains under,
+    at any deepspeed.ep_size (1 included): ZeRO stage 1 or 2, fp32 or bf16, no optimizer offload,
+    DeepSpeed's default reduce_scatter and contiguous_gradients.
+
+    Why: DeepSpeed refuses expert-parallel parameters under ZeRO-3; our topology-independent MoE
+    checkpoint (pnet_dist.moe_deepspeed) reads ZeRO-1/2 partitions and carries neither the fp16
+    loss scaler nor offloaded optimizer state; DeepSpeed's MoE gradient reduction needs
+    reduce_scatter and (ZeRO-2) contiguous gradients. Whether a model has MoE layers is the
+    registry's knowledge, not the config's, so the launcher's pre-flight and the engine call this
+    once they have built the model (the pre-flight on the meta device).
+    """
+    ds = cfg.deepspeed
+
+    def fail(key: str, message: str) -> None:
+        raise ValueError(f"{source}: {key}: {message} (model {cfg.model.name} has mixture-of-experts layers; "
+                         "supported for MoE: zero_stage 1 or 2, precision fp32 or bf16, no offload_optimizer)")
+
+    if ds.zero_stage == 3:
+        fail("deepspeed.zero_stage", "3 is not supported; use 2 (and deepspeed.ep_size > 1 to shard the experts, "
+             "which hold most of the parameters)")
+    if ds.precision == "fp16":
+        fail("deepspeed.precision", "fp16 is not supported (its loss-scaler state is not checkpointed); use bf16")
+    if ds.offload_optimizer:
+        fail("deepspeed.offload_optimizer", "true is not supported; remove it (deepspeed.ep_size > 1 divides "
+             "the expert memory instead)")
+    zero = ds.raw.get("zero_optimization", {}) if isinstance(ds.raw.get("zero_optimization"), dict) else {}
+    if zero.get("reduce_scatter", True) is False:
+        fail("deepspeed.raw.zero_optimization.reduce_scatter", "false is not supported by DeepSpeed's MoE "
+             "gradient reduction; remove the key")
+    if ds.zero_stage == 2 and zero.get("contiguous_gradients", True) is False:
+        fail("deepspeed.raw.zero_optimization.contiguous_gradients", "false is not supported by DeepSpeed's "
+             "ZeRO-2 MoE path; remove the key")

@@ -31,7 +31,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from pnet_dist.config import JobConfig
+from pnet_dist.config import JobConfig, check_moe_deepspeed
+from pnet_dist.models.moe import moe_layers
 from pnet_dist.optim import build_lr_scheduler, build_param_groups
 
 
@@ -76,10 +77,12 @@ def _deep_merge(base: dict, extra: dict) -> None:
 
 def build_engine(cfg: JobConfig, model: nn.Module, world_size: int):
     """deepspeed.initialize over `model` with AdamW param groups and the cosine LambdaLR."""
+    if moe_layers(model):
+        check_moe_deepspeed(cfg, source="the job's deepspeed section")
     ds_config = build_ds_config(cfg, world_size, model)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if cfg.deepspeed.ep_size > 1:
-        _setup_expert_parallel(cfg, model, ds_config, world_size)
+        _setup_expert_parallel(cfg, model, world_size)
     param_groups = build_param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                       layer_decay=cfg.optim.layer_decay)
     if cfg.deepspeed.ep_size > 1:
@@ -94,10 +97,9 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int):
     return engine
 
 
-def _setup_expert_parallel(cfg: JobConfig, model: nn.Module, ds_config: dict, world_size: int) -> None:
+def _setup_expert_parallel(cfg: JobConfig, model: nn.Module, world_size: int) -> None:
     """Expert groups and this rank's experts (pnet_dist.moe_deepspeed), before the optimizer exists."""
     from pnet_dist import moe_deepspeed
-    from pnet_dist.models.moe import moe_layers
 
     ep_size = cfg.deepspeed.ep_size
     if not moe_layers(model):
@@ -105,7 +107,6 @@ def _setup_expert_parallel(cfg: JobConfig, model: nn.Module, ds_config: dict, wo
                          "set deepspeed.ep_size=1")
     if world_size % ep_size:
         raise ValueError(f"deepspeed.ep_size={ep_size} must divide the number of ranks ({world_size})")
-    moe_deepspeed.check_moe_deepspeed_config(ds_config, ep_size, source="deepspeed section of the job config")
     moe_deepspeed.setup_expert_parallel(model, ep_size)
 
 

@@ -3,7 +3,7 @@
 The models (pnet_dist.models.moe) are pure torch; this module is the only place where they meet
 DeepSpeed. The training engine calls, in this order:
 
-    check_moe_deepspeed_config(ds_config, ep_size)        # before anything else: clear ValueErrors
+    pnet_dist.config.check_moe_deepspeed(cfg)             # before anything else: clear ValueErrors
     ep_group = setup_expert_parallel(model, ep_size)      # after deepspeed.init_distributed();
                                                           # model may still be on the meta device
     groups = moe_param_groups([{"params": ..., "name": ...}, ...])   # -> optimizer(groups)
@@ -32,10 +32,9 @@ Why each piece exists (DeepSpeed 0.19.8, read in runtime/engine.py and zero/stag
   scheduler, the engine counters and the caller's client_state. A marker file written last makes
   the checkpoint complete. `load_checkpoint` reads it into an engine of ANY ep_size / data-parallel
   size, each rank picking its own experts. Do not call engine.save_checkpoint on an EP model.
-- ZeRO stage 3 and stage 0 are rejected for MoE models by `check_moe_deepspeed_config` (DeepSpeed
-  refuses non-AutoEP MoE under ZeRO-3; our checkpoint reads ZeRO-1/2 partitions); use stage 2
-  with ep_size > 1: expert parallelism already shards the experts, most of the parameters.
-  Also rejected: fp16 (its loss-scaler state is not carried) and optimizer offload.
+- Which DeepSpeed settings an MoE model may use (ZeRO-1/2, no fp16, no optimizer offload) is decided
+  by pnet_dist.config.check_moe_deepspeed, at any ep_size; the engine calls it for every model with
+  MoE layers.
 """
 from __future__ import annotations
 
@@ -63,35 +62,6 @@ _STRUCTURAL_GROUP_KEYS = ("params", "name", "moe")
 
 def expert_file_name(global_expert: int) -> str:
     return f"expert_{global_expert:03d}.pt"
-
-
-def check_moe_deepspeed_config(ds_config: dict, ep_size: int, source: str = "deepspeed config") -> None:
-    """Raise ValueError (naming `source` and the key) for DeepSpeed settings an MoE model cannot use."""
-    zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        raise ValueError(
-            f"{source}: zero_optimization.stage=3 is not supported for MoE models (DeepSpeed refuses "
-            "expert-parallel parameters under ZeRO-3, and the topology-independent MoE checkpoint "
-            "reads ZeRO-1/2 partitions). Use zero_optimization.stage=2 with ep_size>1: expert "
-            "parallelism already shards the experts, which hold most of the parameters.")
-    if stage not in (1, 2):
-        raise ValueError(f"{source}: MoE models need zero_optimization.stage 1 or 2, got {stage!r}")
-    if ds_config.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"{source}: fp16.enabled is not supported for MoE models (its dynamic "
-                         "loss-scaler state is not checkpointed); use bf16.enabled or fp32")
-    offload = zero.get("offload_optimizer", {}) or {}
-    if offload.get("device", "none") not in ("none", None):
-        raise ValueError(f"{source}: zero_optimization.offload_optimizer is not supported for MoE "
-                         "models; remove it (expert parallelism already divides expert memory)")
-    if zero.get("reduce_scatter", True) is False:
-        raise ValueError(f"{source}: zero_optimization.reduce_scatter=false is not supported by "
-                         "DeepSpeed's MoE gradient reduction; remove the key")
-    if stage == 2 and zero.get("contiguous_gradients", True) is False:
-        raise ValueError(f"{source}: zero_optimization.contiguous_gradients=false is not supported "
-                         "by DeepSpeed's ZeRO-2 MoE path; remove the key")
-    if ep_size < 1:
-        raise ValueError(f"{source}: ep_size must be >= 1, got {ep_size}")
 
 
 class _ExpertParallelMarker(DeepSpeedMoE):
@@ -163,7 +133,7 @@ def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]
 def _zero_optimizer(engine):
     if engine.zero_optimization_stage() not in (1, 2):
         raise ValueError(f"MoE checkpoints need ZeRO stage 1 or 2, the engine runs stage "
-                         f"{engine.zero_optimization_stage()} (see check_moe_deepspeed_config)")
+                         f"{engine.zero_optimization_stage()} (see pnet_dist.config.check_moe_deepspeed)")
     return engine.optimizer
 
 

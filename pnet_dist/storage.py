@@ -233,3 +233,50 @@ def s3_client():
 
 def open_storage(uri: str, retry: RetryPolicy = RetryPolicy()) -> Storage:
     return Storage(uri, retry)
+
+
+def check_s3_access(uri: str, *, write: bool, timeout_s: float = 10.0) -> None:
+    """Fail in bounded time, with one clear ValueError, unless the bucket of `uri` answers to this
+    process's credentials -- and, with write=True, takes and deletes a probe object under `uri`.
+
+    For a launcher's pre-flight: one attempt per request and short time-outs instead of the
+    retries of Storage (made for transient errors in a month-long run), so a missing bucket, a
+    missing credential or an endpoint that does not answer is reported in seconds, not minutes.
+    Nothing is left behind: the probe is deleted (a failed start changes nothing).
+    """
+    import uuid
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, prefix = split_s3(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    where = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s,
+                      read_timeout=timeout_s))
+    probe = f"{prefix.rstrip('/')}/.pnet_dist_write_probe_{uuid.uuid4().hex}".lstrip("/")
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        if write:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+    except NoCredentialsError:
+        raise ValueError(f"{uri}: no AWS credentials found (environment, ~/.aws, or the node's instance profile); "
+                         "give this machine credentials that may read" + (" and write" if write else "") +
+                         f" {where}") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        if code in ("NoSuchBucket", "404"):
+            raise ValueError(f"{uri}: bucket {bucket!r} does not exist{' at ' + endpoint if endpoint else ''}; "
+                             "create it or fix the URI") from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                    "InvalidToken", "AllAccessDisabled"):
+            raise ValueError(f"{uri}: {where} refused these credentials ({code}); the role or keys need "
+                             f"s3:ListBucket{', s3:PutObject and s3:DeleteObject' if write else ''} on it") from None
+        raise ValueError(f"{uri}: {where} answered {code}: {exc}") from None
+    except BotoCoreError as exc:  # endpoint unreachable, time-out, bad endpoint URL, ...
+        raise ValueError(f"{uri}: cannot reach {where} within {timeout_s:g}s ({type(exc).__name__}: {exc}); "
+                         "check AWS_ENDPOINT_URL_S3 / the network") from None

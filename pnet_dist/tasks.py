@@ -38,6 +38,27 @@ def build_task(cfg: JobConfig) -> "ImageClassificationTask | CausalLMTask":
     return ImageClassificationTask(cfg) if cfg.data.kind == "image" else CausalLMTask(cfg)
 
 
+def build_model_kwargs(cfg: JobConfig, dataset_info: dict) -> dict:
+    """create_model's kwargs for the job: model.kwargs with the training dataset's num_classes
+    (images) or vocab_size (text) filled in where the job does not set it, and, for text, the MoE
+    aux coefficient. A vocabulary may exceed the dataset's (padded for speed); nothing else may
+    contradict it. Used by the tasks and by the launcher's pre-flight alike."""
+    kwargs = dict(cfg.model.kwargs)
+    key, may_exceed = ("num_classes", False) if cfg.data.kind == "image" else ("vocab_size", True)
+    from_dataset = dataset_info.get(key)
+    if from_dataset is not None:
+        given = kwargs.setdefault(key, from_dataset)
+        if isinstance(given, bool) or not isinstance(given, int):
+            raise ValueError(f"model.kwargs.{key}={given!r} must be an integer (the dataset {cfg.data.train_uri} "
+                             f"has {key}={from_dataset}); remove model.kwargs.{key} or fix it")
+        if given < from_dataset or (given != from_dataset and not may_exceed):
+            raise ValueError(f"model.kwargs.{key}={given} but the dataset {cfg.data.train_uri} has "
+                             f"{key}={from_dataset}; remove model.kwargs.{key} or fix it")
+    if cfg.data.kind == "text":
+        kwargs["aux_loss_coef"] = cfg.train.moe_aux_coef
+    return kwargs
+
+
 def input_dtype(model: nn.Module) -> torch.dtype:
     """Images go in at the weights' dtype: bf16 weights take bf16 images, fp32 weights (fp32, or
     bf16 autocast) fp32 ones."""
@@ -61,18 +82,6 @@ class _Task:
         from pnet_dist.data import dataset_info
         return dataset_info(self.cfg.data.train_uri)
 
-    def _model_kwargs(self, key: str, from_dataset: int | None, may_exceed: bool = False) -> dict:
-        """model.kwargs with the dataset's `key` (num_classes / vocab_size) filled in where the job
-        does not set it; may_exceed allows a larger model value (a vocabulary padded for speed)."""
-        kwargs = dict(self.cfg.model.kwargs)
-        if from_dataset is None:
-            return kwargs
-        given = kwargs.setdefault(key, from_dataset)
-        if given < from_dataset or (given != from_dataset and not may_exceed):
-            raise ValueError(f"model.kwargs.{key}={given} but the dataset {self.cfg.data.train_uri} has "
-                             f"{key}={from_dataset}; remove model.kwargs.{key} or fix it")
-        return kwargs
-
     def count(self, batch) -> tuple[int, int]:
         """(samples, tokens) in a micro-batch."""
         return batch[0].shape[0], 0
@@ -84,7 +93,7 @@ class ImageClassificationTask(_Task):
     eval_keys = ("loss_sum", "top1", "top5", "count")
 
     def build_model(self) -> nn.Module:
-        kwargs = self._model_kwargs("num_classes", self._dataset_info().get("num_classes"))
+        kwargs = build_model_kwargs(self.cfg, self._dataset_info())
         self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
         self.num_classes = model.num_classes
@@ -145,8 +154,7 @@ class CausalLMTask(_Task):
     eval_keys = ("loss_sum", "count")
 
     def build_model(self) -> nn.Module:
-        kwargs = self._model_kwargs("vocab_size", self._dataset_info().get("vocab_size"), may_exceed=True)
-        kwargs["aux_loss_coef"] = self.cfg.train.moe_aux_coef
+        kwargs = build_model_kwargs(self.cfg, self._dataset_info())
         self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
         if self.cfg.data.seq_len > model.cfg.max_seq_len:

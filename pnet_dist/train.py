@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pnet_dist import dist
+from pnet_dist import cli, dist
 from pnet_dist.checkpoint import CheckpointManager
 from pnet_dist.config import JobConfig, load_config, save_resolved
 from pnet_dist.engine import build_engine, poison_nonfinite
@@ -486,4 +486,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog="pnet_dist.train"))

@@ -2,6 +2,8 @@
 the production jobs carry the paper's recipe (arXiv 2306.14525)."""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,18 @@ def test_the_promised_jobs_exist():
 
 
 @pytest.mark.parametrize("path", JOB_YAMLS, ids=lambda p: p.name)
+def test_job_is_an_executable_that_runs_the_launcher(path):
+    """`ray job submit ... jobs/X.yaml` runs the file as a program: its first line (a YAML comment)
+    must start the launcher, git must keep it executable, and the comments must show that command."""
+    text = path.read_text()
+    assert text.splitlines()[0] == "#!/usr/bin/env -S python3 -m pnet_dist.launch"
+    assert os.access(path, os.X_OK)
+    mode = subprocess.run(["git", "ls-files", "-s", path.name], cwd=JOBS_DIR, capture_output=True, text=True).stdout
+    assert mode.startswith("100755"), f"git must record {path.name} as executable: {mode!r}"
+    assert "python -m pnet_dist.launch" not in text, "show the literal command, not the old entrypoint"
+
+
+@pytest.mark.parametrize("path", JOB_YAMLS, ids=lambda p: p.name)
 def test_job_loads_and_names_a_registered_model(path):
     cfg = load_config(path)
     assert cfg.model.name in list_models()
@@ -49,7 +63,7 @@ def test_in22k_pretrain_follows_the_paper():
     assert cfg.optim.warmup_steps == 5 * steps_per_epoch
     assert (cfg.data.randaugment_ops, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.label_smoothing) == \
         (2, 0.8, 1.0, 0.1)
-    assert cfg.scaling.max_failures > 0
+    assert cfg.scaling.max_failures == -1, "a days-long spot run restarts its worker group without limit"
 
 
 def test_in1k_finetune_starts_from_the_22k_run():
@@ -68,6 +82,7 @@ def test_in1k_finetune_starts_from_the_22k_run():
 
 def test_llama_pretrain_is_expert_parallel_zero2():
     cfg = load_config(JOBS_DIR / "llama1b_pnet_pretrain.yaml")
+    assert cfg.scaling.max_failures == -1
     assert cfg.model.name == "pnet_llama_1b_up_e8" and cfg.data.kind == "text"
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.ep_size > 1
     assert 8 % cfg.deepspeed.ep_size == 0 and cfg.scaling.num_workers % cfg.deepspeed.ep_size == 0
@@ -93,6 +108,7 @@ def test_runtime_env_passes_ray_validation():
     validated = RuntimeEnv(**runtime_env)
     assert validated["working_dir"] == "."
     assert {"TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS"} <= set(validated["env_vars"])
+    assert int(validated["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 120, "`ray job stop` must leave time to checkpoint"
     assert not any("SECRET" in key or "ACCESS_KEY" in key for key in validated["env_vars"])
 
 

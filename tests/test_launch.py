@@ -112,12 +112,63 @@ def test_summary_says_where_outputs_are(tmp_path):
 def test_bad_job_file_fails_before_ray_starts_and_driver_stays_light(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("run_name: r\nmodel: {name: parameternet_debug}\ndata: {train_uri: x}\nscaling: {num_worker: 2}\n")
-    # One fresh interpreter (importing ray costs seconds): the error comes from the driver, before
-    # Ray is contacted, and the driver never imports deepspeed.
-    code = ("import sys, ray\nfrom pnet_dist import launch\n"
-            "try:\n    launch.main([sys.argv[1]])\nexcept ValueError as exc:\n    print('ValueError:', exc)\n"
-            "print('ray initialized:', ray.is_initialized(), '| deepspeed imported:', 'deepspeed' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert "ValueError:" in proc.stdout and "scaling.num_worker" in proc.stdout and str(job) in proc.stdout
+    # One fresh interpreter (importing ray costs seconds), as `python -m pnet_dist.launch` runs: the
+    # error is one line from the driver, before Ray is contacted, and the driver never imports deepspeed.
+    code = ("import atexit, sys, ray\nfrom pnet_dist import cli, launch\n"
+            "atexit.register(lambda: print('ray initialized:', ray.is_initialized(), '| deepspeed imported:', "
+            "'deepspeed' in sys.modules))\n"
+            "sys.argv = ['pnet_dist.launch', sys.argv[1]]\nsys.exit(cli.run(launch.main, prog='pnet_dist.launch'))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"pnet_dist.launch: error: {job}: unknown key 'scaling.num_worker'; allowed "
+                                        "in scaling: cpus_per_worker, max_failures, num_workers, ray_address, "
+                                        "shared_filesystem, use_gpu"], proc.stderr
     assert "ray initialized: False | deepspeed imported: False" in proc.stdout
+
+
+def test_summary_of_a_stopped_run_says_how_to_continue(tmp_path):
+    cfg = launch.absolute_local_paths(make_cfg(checkpoint={"uri": "runs"}, train={"max_steps": 50}), tmp_path)
+    lines = launch.summary_lines(cfg, {"step": 23, "loss": 1.5, "resumed_from": None, "preempted": True,
+                                       "stopped_by": "SIGTERM", "eval": {}})
+    assert lines[0] == ("run run1: stopped by SIGTERM at step 23 of 50 (started from scratch), checkpoint of step 23 "
+                        "written; run the same command again to continue from it")
+
+
+def test_deterministic_worker_errors_end_the_run_and_others_are_retried():
+    callback = launch._EndOnDeterministicError()
+    callback.after_exception(None, {0: RuntimeError("Connection reset by peer"), 1: OSError("node lost")})
+    with pytest.raises(launch.DeterministicWorkerError, match=r"rank 1 failed with ValueError: bad shard \| in x "
+                                                              r"-- not retried"):
+        callback.after_exception(None, {0: RuntimeError("collective aborted"), 1: ValueError("bad shard\nin x")})
+    with pytest.raises(launch.DeterministicWorkerError, match="ModuleNotFoundError"):
+        callback.after_exception(None, {0: ModuleNotFoundError("No module named 'pnet_dist'")})
+
+
+def test_trainer_carries_the_stop_channel_and_the_fail_fast_callback(tmp_path):
+    cfg = make_cfg(checkpoint={"uri": str(tmp_path)}, scaling={"max_failures": -1})
+    channel = object()
+    trainer = launch.build_trainer(cfg, channel)
+    assert trainer.train_loop_config["stop_channel"] is channel
+    assert trainer.run_config.failure_config.max_failures == -1
+    assert any(isinstance(c, launch._EndOnDeterministicError) for c in trainer.run_config.callbacks)
+
+
+def test_working_dir_copy_and_stop_wait_come_from_the_ray_job_environment(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert launch.ray_working_dir_copy() is None and launch.stop_wait_s() == 600.0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {}}, "metadata": {}}')
+    assert launch.ray_working_dir_copy() is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}')
+    assert launch.ray_working_dir_copy() == str(tmp_path)
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "300")
+    assert launch.stop_wait_s() == 290.0
+    monkeypatch.delenv("RAY_JOB_STOP_WAIT_TIME_S")
+    import logging
+    logging.getLogger("pnet_dist").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="pnet_dist.launch"):
+            assert launch.stop_wait_s() == 1.0
+    finally:
+        logging.getLogger("pnet_dist").propagate = False
+    assert "RAY_JOB_STOP_WAIT_TIME_S is 3 s" in caplog.text

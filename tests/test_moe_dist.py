@@ -82,12 +82,11 @@ def _pure_torch_ep(rank: int, out: dict) -> None:
 def _engine(ep_size: int, zero_stage: int, bf16: bool = False):
     import deepspeed
     from pnet_dist.models import create_model
-    from pnet_dist.moe_deepspeed import check_moe_deepspeed_config, moe_param_groups, setup_expert_parallel
+    from pnet_dist.moe_deepspeed import moe_param_groups, setup_expert_parallel
 
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 1.0,
               "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
-    check_moe_deepspeed_config(config, ep_size)
     model = create_model(MODEL, device="meta")
     setup_expert_parallel(model, ep_size)
     model.to_empty(device="cpu")
@@ -272,14 +271,20 @@ def test_bf16_checkpoint_saved_with_ep2_resumes_at_ep2_and_ep1(results):
 
 
 def test_zero3_and_other_unsupported_settings_are_rejected_with_the_alternative():
-    from pnet_dist.moe_deepspeed import check_moe_deepspeed_config
-    with pytest.raises(ValueError, match="stage=3.*Use zero_optimization.stage=2"):
-        check_moe_deepspeed_config({"zero_optimization": {"stage": 3}}, ep_size=2, source="job.yaml")
-    with pytest.raises(ValueError, match="job.yaml.*stage 1 or 2"):
-        check_moe_deepspeed_config({"zero_optimization": {"stage": 0}}, ep_size=2, source="job.yaml")
-    with pytest.raises(ValueError, match="fp16"):
-        check_moe_deepspeed_config({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, 2)
+    from pnet_dist.config import check_moe_deepspeed, config_from_dict
+
+    def cfg(**deepspeed):
+        return config_from_dict({"run_name": "r", "model": {"name": MODEL}, "data": {"kind": "text", "train_uri": "x"},
+                                 "deepspeed": deepspeed}, source="job.yaml")
+    with pytest.raises(ValueError, match="job.yaml: deepspeed.zero_stage: 3 is not supported; use 2"):
+        check_moe_deepspeed(cfg(zero_stage=3), source="job.yaml")
+    with pytest.raises(ValueError, match="deepspeed.precision: fp16"):
+        check_moe_deepspeed(config_from_dict({"run_name": "r", "model": {"name": MODEL}, "scaling": {"use_gpu": True},
+                                              "data": {"kind": "text", "train_uri": "x"},
+                                              "deepspeed": {"precision": "fp16"}}))
     with pytest.raises(ValueError, match="offload_optimizer"):
-        check_moe_deepspeed_config(
-            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ep_size=2)
-    check_moe_deepspeed_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, ep_size=2)
+        check_moe_deepspeed(cfg(offload_optimizer=True))
+    with pytest.raises(ValueError, match="reduce_scatter"):
+        check_moe_deepspeed(cfg(raw={"zero_optimization": {"reduce_scatter": False}}))
+    check_moe_deepspeed(cfg(zero_stage=2, precision="bf16"))
+    check_moe_deepspeed(cfg(zero_stage=1, precision="fp32"))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pnet_dist.config import config_from_dict
-from pnet_dist.tasks import SyntheticLoader, build_task, soft_target_cross_entropy
+from pnet_dist.tasks import SyntheticLoader, build_model_kwargs, build_task, soft_target_cross_entropy
 
 pytestmark = pytest.mark.unit
 
@@ -84,8 +84,9 @@ def test_lm_task_passes_the_aux_coefficient_and_counts_active_params():
 
 def test_dataset_sizes_fill_the_model_kwargs_and_contradictions_fail(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"kind": "text", "vocab_size": 300, "num_classes": 12}))
-    task = build_task(make_cfg("text", data={"train_uri": str(tmp_path), "seq_len": 16}))
-    assert task._model_kwargs("vocab_size", 300, may_exceed=True) == {"vocab_size": 300}
+    text_cfg = make_cfg("text", data={"train_uri": str(tmp_path), "seq_len": 16})
+    assert build_model_kwargs(text_cfg, {"vocab_size": 300}) == {"vocab_size": 300,
+                                                                 "aux_loss_coef": text_cfg.train.moe_aux_coef}
     image = build_task(make_cfg("image", data={"train_uri": str(tmp_path)}))
     assert image.build_model().num_classes == 12 and image.model_kwargs == {"num_classes": 12}
     padded = build_task(make_cfg("text", data={"train_uri": str(tmp_path), "seq_len": 16},

@@ -154,7 +154,9 @@ def test_conv_factory_is_the_only_seam():
 def test_benchmark_script_smoke(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_dynamic_conv.py", "--variant", "debug", "--batch", "2", "--size", "32",
                                       "--repeats", "1", "--layer-repeats", "1"])
-    runpy.run_path(str(REPO / "tools" / "bench_dynamic_conv.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "tools" / "bench_dynamic_conv.py"), run_name="__main__")
+    assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "ratio parameternet / ghostnet" in out and "speed-up ours vs CondConv2d" in out
     for kind in ("1x1", "depthwise kxk", "stem"):

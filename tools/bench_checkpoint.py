@@ -218,4 +218,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pnet_dist.cli import run
+    sys.exit(run(main))

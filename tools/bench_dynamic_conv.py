@@ -231,4 +231,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pnet_dist.cli import run
+    sys.exit(run(main))

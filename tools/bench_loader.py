@@ -266,4 +266,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pnet_dist.cli import run
+    sys.exit(run(main))

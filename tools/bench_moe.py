@@ -215,4 +215,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from pnet_dist.cli import run
+    sys.exit(run(main))

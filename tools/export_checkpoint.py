@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from pnet_dist.cli import run
 from pnet_dist.export import export_checkpoint
 
 
@@ -27,7 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_kwargs = None
     if args.model_kwargs is not None:
-        model_kwargs = json.loads(args.model_kwargs)
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r} is not JSON ({exc.msg} at character {exc.pos}); "
+                             """write a JSON object, e.g. --model-kwargs '{"num_classes": 10}'""") from None
         if not isinstance(model_kwargs, dict):
             raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     export_checkpoint(args.run_uri, args.out_dir, args.step, model_name=args.model, model_kwargs=model_kwargs,
@@ -35,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

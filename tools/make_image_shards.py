@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pnet_dist.cli import run  # noqa: E402
 from pnet_dist.data.images import convert_images, load_class_index  # noqa: E402
 from pnet_dist.data.shards import configure_s3_endpoint  # noqa: E402
 
@@ -44,4 +45,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

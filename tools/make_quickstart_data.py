@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pnet_dist.cli import run  # noqa: E402
 from pnet_dist.data.quickstart import make_quickstart_data  # noqa: E402
 from pnet_dist.data.shards import configure_s3_endpoint  # noqa: E402
 
@@ -31,4 +32,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

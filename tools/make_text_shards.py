@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pnet_dist.cli import run  # noqa: E402
 from pnet_dist.data.shards import configure_s3_endpoint  # noqa: E402
 from pnet_dist.data.text import convert_text, list_inputs, train_tokenizer  # noqa: E402
 
@@ -52,4 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

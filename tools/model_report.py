@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pnet_dist.cli import run  # noqa: E402
 from pnet_dist.models import list_models  # noqa: E402
 from pnet_dist.models.report import build_report, format_report  # noqa: E402
 
@@ -38,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

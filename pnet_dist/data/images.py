@@ -200,6 +200,10 @@ def convert_images(src: str, out_uri: str, *, layout: str = "auto", class_index:
                    images_per_part: int = 10_000, num_workers: int = 1, max_side: int | None = None,
                    quality: int = 90, seed: int = 0) -> ConversionSummary:
     """An ImageFolder tree or a folder of <synset>.tar files -> MDS shards + class_index.json."""
+    for name, value, lowest in (("images_per_part", images_per_part, 1), ("num_workers", num_workers, 1),
+                                ("quality", quality, 1)):
+        if value < lowest:   # before anything is listed or written
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {lowest}, got {value}")
     layout = detect_layout(src) if layout == "auto" else layout
     if layout == "folder":
         items = list_image_folder(src, class_index)

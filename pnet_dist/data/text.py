@@ -36,7 +36,7 @@ def iter_documents(path: str, field: str = "text") -> Iterator[str]:
     """The documents of one .txt (the whole file) or .jsonl (one per line, in `field`) file."""
     suffix = Path(path).suffix.lower()
     if suffix == ".txt":
-        yield Path(path).read_text(encoding="utf-8", errors="replace")
+        yield check_text(path, Path(path).read_bytes())
     elif suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -52,6 +52,25 @@ def iter_documents(path: str, field: str = "text") -> Iterator[str]:
                 yield record[field]
     else:
         raise ValueError(f"{path}: unsupported input type {suffix!r}; give .txt or .jsonl files")
+
+
+# Above this share of control characters (other than tab, newline, carriage return, form feed) a
+# .txt file is binary data, not text: real text has next to none, random bytes ~12%.
+MAX_CONTROL_CHAR_FRACTION = 0.001
+
+
+def check_text(path: str, data: bytes) -> str:
+    """The UTF-8 text of a .txt input; a ValueError naming the file for anything that is not text."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); convert "
+                         "it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out") from None
+    num_control = sum(1 for char in text if ord(char) < 32 and char not in "\t\n\r\f" or char == "\x7f")
+    if text and num_control / len(text) > MAX_CONTROL_CHAR_FRACTION:
+        raise ValueError(f"{path}: {num_control} of its {len(text)} characters are control characters: this is "
+                         "binary data, not text; leave it out")
+    return text
 
 
 def list_inputs(inputs: list[str]) -> list[str]:

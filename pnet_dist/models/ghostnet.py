@@ -161,6 +161,11 @@ class GhostNet(nn.Module):
                  act_layer: type[nn.Module] = nn.Hardswish, stem_channels: int = 16, num_features: int = 1280,
                  in_channels: int = 3, input_size: tuple[int, int, int] = (3, 224, 224)):
         super().__init__()
+        for name, value, kind in (("num_classes", num_classes, int), ("drop_rate", drop_rate, float),
+                                  ("drop_path_rate", drop_path_rate, float)):
+            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+                raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r} "
+                                 f"({type(value).__name__})")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = no classifier), got {num_classes}")
         if not 0.0 <= drop_rate < 1.0:

@@ -35,7 +35,7 @@ V vocab, E experts.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,19 @@ from pnet_dist.models.moe import AUX_LOSS_MODES, MoEProjection, RouterBalance, m
 from pnet_dist.models.registry import register_model
 
 MOE_PLACEMENTS = ("gate", "up", "down")
+
+
+# LlamaConfig field annotations -> accepted Python types (an int is also a float; a bool is neither).
+_FIELD_TYPES = {"int": int, "int | None": int, "float": (int, float), "float | None": (int, float), "bool": bool}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if value is None:
+        return annotation.endswith("| None")
+    if isinstance(value, bool):
+        return annotation == "bool"
+    kinds = _FIELD_TYPES.get(annotation)
+    return kinds is None or isinstance(value, kinds)
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,10 @@ class LlamaConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
+        for item in fields(self):   # a "10" from a config file must not reach the arithmetic below
+            if not _has_type(getattr(self, item.name), item.type):
+                value = getattr(self, item.name)
+                raise ValueError(f"{item.name} must be {item.type}, got {value!r} ({type(value).__name__})")
         kv_heads = self.num_kv_heads or self.num_heads
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim={self.dim} must split into num_heads={self.num_heads} heads of "
