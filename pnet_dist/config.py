@@ -80,6 +80,7 @@ class TrainConfig:
     moe_aux_coef: float = 0.01                 # Switch load-balancing loss coefficient
     init_from: Optional[str] = None            # exported checkpoint to start from (finetuning)
     watch_spot_interruption: bool = False      # poll the EC2 metadata service for a spot notice
+    grad_checkpointing: bool = False           # activation checkpointing (per stage / decoder block)
 
 
 @dataclass

@@ -6,11 +6,10 @@ and the writing of the export folder:
 
     model_fp32.pt        the state dict (torch.save of {name: tensor})
     export.json          model name + kwargs, source checkpoint URI and step
-    hf/                  (LLaMA variants, on request) config.json + model.safetensors. A dense
-                         LLaMA uses Hugging Face LlamaForCausalLM names and config, so
-                         transformers loads it; an MoE variant (no transformers class exists) keeps
-                         pnet_dist names and records model_type "pnet_llama" with the pnet_dist
-                         model name, to be rebuilt with create_model.
+    hf/                  (LLaMA variants, on request) a Hugging Face folder with weights, config,
+                         tokenizer, generation config and, for the MoE variants, the model code
+                         (pnet_dist.hf). The tokenizer is that of the text dataset the run trained
+                         on: data.train_uri of the run's config.yaml, or the dataset given.
 
 ZeRO shards are consolidated by DeepSpeed's zero_to_fp32 in a subprocess (DeepSpeed stays inside
 the engine module); MoE-format checkpoints already hold full fp32 tensors per parameter.
@@ -24,9 +23,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from pnet_dist.checkpoint import CKPT_DIR, FORMAT_MOE, CheckpointManager, client_state_name, step_dir_name
+from pnet_dist.hf import check_hf_supported, read_tokenizer, write_hf_folder
 from pnet_dist.log import get_logger
 from pnet_dist.models import create_model
 from pnet_dist.storage import is_s3, open_storage
@@ -36,22 +37,6 @@ log = get_logger(__name__)
 STATE_DICT_FILE = "model_fp32.pt"
 EXPORT_INFO_FILE = "export.json"
 HF_DIR = "hf"
-
-# pnet_dist LLaMA parameter names -> Hugging Face LlamaForCausalLM names (per decoder block).
-_HF_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn.gate_proj.weight": "mlp.gate_proj.weight",
-    "ffn.up_proj.weight": "mlp.up_proj.weight",
-    "ffn.down_proj.weight": "mlp.down_proj.weight",
-}
-_HF_TOP_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                 "lm_head.weight": "lm_head.weight"}
-
 
 def consolidated_state_dict(root_uri: str, step: int | None = None, *, ema_key: str | None = None,
                             strip_prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
@@ -132,10 +117,11 @@ def build_and_check(model_name: str, model_kwargs: dict, state_dict: dict[str, t
 
 def export_checkpoint(root_uri: str, out_dir: str, step: int | None = None, *, model_name: str | None = None,
                       model_kwargs: dict | None = None, ema_key: str | None = None, strip_prefix: str = "",
-                      hf: bool = False) -> str:
+                      hf: bool = False, dataset_uri: str | None = None) -> str:
     """Write model_fp32.pt + export.json (+ hf/ for LLaMA variants) into out_dir (local or s3://).
 
-    The model defaults to the one recorded in the checkpoint's manifest. Returns out_dir.
+    The model defaults to the one recorded in the checkpoint's manifest; the hf/ tokenizer comes
+    from dataset_uri, by default the run's data.train_uri. Returns out_dir.
     """
     manager = CheckpointManager(root_uri, keep_last=1, async_upload=False)
     step = _resolve_step(manager, step)
@@ -144,8 +130,10 @@ def export_checkpoint(root_uri: str, out_dir: str, step: int | None = None, *, m
     if model_name is None:
         raise ValueError(f"checkpoint under {root_uri} records no model; pass model_name (--model NAME)")
     model_kwargs = recorded.get("kwargs", {}) if model_kwargs is None else model_kwargs
-    if hf:
-        _check_hf_supported(create_model(model_name, device="meta", **model_kwargs), model_name)
+    if hf:  # checked before the (long) consolidation
+        meta_model = create_model(model_name, device="meta", **model_kwargs)
+        check_hf_supported(meta_model, model_name)
+        tokenizer = read_tokenizer(dataset_uri or _train_uri_of_run(root_uri), meta_model.cfg.vocab_size)
     state_dict, manifest = consolidated_state_dict(root_uri, step, ema_key=ema_key, strip_prefix=strip_prefix)
     model = build_and_check(model_name, model_kwargs, state_dict)
     info = {"model": {"name": model_name, "kwargs": model_kwargs}, "source": root_uri,
@@ -156,7 +144,7 @@ def export_checkpoint(root_uri: str, out_dir: str, step: int | None = None, *, m
         torch.save(state_dict, local / STATE_DICT_FILE)
         (local / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
         if hf:
-            write_hf_folder(model, model_name, model_kwargs, local / HF_DIR)
+            write_hf_folder(model, model_name, local / HF_DIR, tokenizer)
         if is_s3(out_dir):
             storage = open_storage(out_dir)
             for path in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -177,43 +165,15 @@ def load_exported_state_dict(export_uri: str) -> dict[str, torch.Tensor]:
         return torch.load(Path(tmp) / STATE_DICT_FILE, map_location="cpu", weights_only=True)
 
 
-def write_hf_folder(model: nn.Module, model_name: str, model_kwargs: dict, out_dir: Path) -> None:
-    """config.json + model.safetensors for a pnet_dist LLaMA variant (see the module docstring)."""
-    from safetensors.torch import save_file
-
-    _check_hf_supported(model, model_name)
-    cfg = model.cfg
-    state_dict = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    config = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu", "initializer_range": cfg.init_std, "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-    }
-    if cfg.moe_placement is None:
-        config.update(architectures=["LlamaForCausalLM"], model_type="llama")
-        state_dict = {_hf_name(name): t for name, t in state_dict.items()}
-    else:
-        config.update(architectures=["PnetLlamaForCausalLM"], model_type="pnet_llama",
-                      pnet_dist_model={"name": model_name, "kwargs": model_kwargs},
-                      moe_placement=cfg.moe_placement, num_experts=cfg.num_experts,
-                      expert_bias=cfg.expert_bias, aux_loss_coef=cfg.aux_loss_coef)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-
-
-def _check_hf_supported(model: nn.Module, model_name: str) -> None:
-    from pnet_dist.models.llama import LlamaForCausalLM
-    if not isinstance(model, LlamaForCausalLM):
-        raise ValueError(f"a Hugging Face folder is written for LLaMA variants only; {model_name!r} is a "
-                         f"{type(model).__name__}")
-
-
-def _hf_name(name: str) -> str:
-    if name in _HF_TOP_NAMES:
-        return _HF_TOP_NAMES[name]
-    _, index, rest = name.split(".", 2)  # layers.<i>.<rest>
-    return f"model.layers.{index}.{_HF_BLOCK_NAMES[rest]}"
+def _train_uri_of_run(root_uri: str) -> str:
+    """data.train_uri from the run's resolved config.yaml: the dataset whose tokenizer the model learned."""
+    storage = open_storage(root_uri)
+    try:
+        train_uri = yaml.safe_load(storage.get_bytes("config.yaml"))["data"]["train_uri"]
+    except FileNotFoundError:
+        raise ValueError(f"{storage.uri('config.yaml')} not found, so the training dataset (and its tokenizer) is "
+                         "unknown; pass the text dataset the model was trained on (--dataset)") from None
+    if train_uri.startswith("synthetic:"):
+        raise ValueError(f"{storage.uri('config.yaml')}: the run trained on synthetic tokens, which have no "
+                         "tokenizer; pass a text dataset whose tokenizer fits the model (--dataset)")
+    return train_uri

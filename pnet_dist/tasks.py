@@ -96,6 +96,7 @@ class ImageClassificationTask(_Task):
         kwargs = build_model_kwargs(self.cfg, self._dataset_info())
         self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
+        model.set_grad_checkpointing(self.cfg.train.grad_checkpointing)
         self.num_classes = model.num_classes
         self.flops_per_sample = 6.0 * _vision_macs(self.cfg.model.name, kwargs, self.cfg.data.image_size)
         return model
@@ -157,6 +158,7 @@ class CausalLMTask(_Task):
         kwargs = build_model_kwargs(self.cfg, self._dataset_info())
         self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
         model = create_model(self.cfg.model.name, **kwargs)
+        model.set_grad_checkpointing(self.cfg.train.grad_checkpointing)
         if self.cfg.data.seq_len > model.cfg.max_seq_len:
             raise ValueError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len="
                              f"{model.cfg.max_seq_len}; lower data.seq_len or set model.kwargs.max_seq_len")

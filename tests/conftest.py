@@ -91,3 +91,18 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def kjv_text_dataset(tmp_path_factory):
+    """40 KJV chapters tokenized by the project's converter: byte-level BPE of 512 tokens (the
+    debug LLaMA vocabulary), EOS id 0, seq_len 32; yields the dataset folder."""
+    import json
+    from pnet_dist.data.quickstart import kjv_chapters
+    from pnet_dist.data.text import convert_text
+    root = tmp_path_factory.mktemp("kjv")
+    with open(root / "kjv.jsonl", "w") as f:
+        for _, _, text in kjv_chapters()[:40]:
+            f.write(json.dumps({"text": text}) + "\n")
+    convert_text([str(root / "kjv.jsonl")], str(root / "text"), seq_len=32, vocab_size=512)
+    return str(root / "text")

@@ -1,6 +1,8 @@
 """Export tool round trip: checkpoints of real DeepSpeed engines (ZeRO-2/3, MoE format, local and
 S3) -> tools/export_checkpoint.py -> create_model(...) loads the fp32 state dict without DeepSpeed;
-a dense LLaMA's hf/ folder loads into transformers' LlamaForCausalLM with the same logits."""
+the hf/ folders of a dense LLaMA (tokenizer from --dataset) and of an MoE LLaMA (tokenizer from the
+run's config.yaml) load in transformers with the same logits (tests/test_hf_interop.py covers
+every variant, generation and the tokenizer)."""
 from __future__ import annotations
 
 import json
@@ -79,37 +81,51 @@ def test_zero2_vision_checkpoint_exports_weights_batchnorm_buffers_and_ema(proce
     assert_loads_as(tmp_path / "ema", "parameternet_debug", halved)
 
 
-def test_zero3_llama_from_s3_exports_a_transformers_folder(process_group, tmp_path, s3_bucket):
+def assert_transformers_logits(hf_folder: Path, ours: torch.nn.Module, trust_remote_code: bool = False) -> None:
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), trust_remote_code=trust_remote_code)
+    assert transformers.AutoTokenizer.from_pretrained(str(hf_folder)).eos_token_id == theirs.config.eos_token_id == 0
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_llama_from_s3_exports_a_transformers_folder(process_group, tmp_path, s3_bucket, kjv_text_dataset):
     expected = train_and_save("llama_debug", 3, f"{s3_bucket}/llama", text_loss)
-    export_checkpoint(f"{s3_bucket}/llama", f"{s3_bucket}/export", hf=True)
+    export_checkpoint(f"{s3_bucket}/llama", f"{s3_bucket}/export", hf=True, dataset_uri=kjv_text_dataset)
     storage = open_storage(f"{s3_bucket}/export")
     for key in storage.list():
         storage.get_file(key, tmp_path / "out" / key)
     assert load_exported_state_dict(f"{s3_bucket}/export").keys() == expected.keys()
     ours = assert_loads_as(tmp_path / "out", "llama_debug", expected)
-
-    transformers = pytest.importorskip("transformers")
-    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), torch_dtype=torch.float32)
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids)[0], rtol=1e-4, atol=1e-5)
+    assert_transformers_logits(tmp_path / "out" / "hf", ours)
 
 
-def test_moe_checkpoint_exports_every_expert(process_group, tmp_path):
+def test_moe_checkpoint_exports_every_expert_and_the_runs_tokenizer(process_group, tmp_path, kjv_text_dataset):
+    from pnet_dist.config import config_from_dict, save_resolved
     expected = train_and_save("pnet_llama_debug_up_e4", 1, str(tmp_path / "run"), text_loss)
     manifest = json.loads((tmp_path / "run" / "ckpt" / "step_00000002" / "MANIFEST.json").read_text())
     assert manifest["format"] == "moe"
+    # The run's resolved config names its training dataset: the export takes the tokenizer from there.
+    save_resolved(config_from_dict({"run_name": "run", "checkpoint": {"uri": str(tmp_path)},
+                                    "model": {"name": "pnet_llama_debug_up_e4"},
+                                    "data": {"kind": "text", "train_uri": kjv_text_dataset}}))
     export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--hf"])
-    assert_loads_as(tmp_path / "out", "pnet_llama_debug_up_e4", expected)
+    ours = assert_loads_as(tmp_path / "out", "pnet_llama_debug_up_e4", expected)
     config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
     assert config["model_type"] == "pnet_llama" and config["num_experts"] == 4
-    from safetensors.torch import load_file
-    assert load_file(str(tmp_path / "out" / "hf" / "model.safetensors")).keys() == expected.keys()
+    assert_transformers_logits(tmp_path / "out" / "hf", ours, trust_remote_code=True)
 
 
-def test_export_with_the_wrong_model_names_the_mismatch(process_group, tmp_path):
+def test_export_with_the_wrong_model_or_no_tokenizer_names_the_cause(process_group, tmp_path):
     train_and_save("llama_debug", 1, str(tmp_path / "run"), text_loss, num_steps=1)
     with pytest.raises(ValueError, match="does not fit create_model"):
         export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--model", "parameternet_debug"])
     with pytest.raises(ValueError, match="no complete checkpoint"):
         export_tool.main([str(tmp_path / "empty"), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"config.yaml not found.*--dataset"):
+        export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--hf"])
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  train_uri: 'synthetic:'\n")
+    with pytest.raises(ValueError, match="synthetic tokens.*--dataset"):
+        export_tool.main([str(tmp_path / "run"), str(tmp_path / "out"), "--hf"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

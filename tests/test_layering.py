@@ -1,5 +1,6 @@
 """Layering: the models package is pure torch -- importing and using it in a fresh interpreter
-brings in none of the heavy frameworks (deepspeed, ray, boto3, streaming, tensorboard)."""
+brings in none of the heavy frameworks (deepspeed, ray, boto3, streaming, tensorboard), nor timm
+or transformers (the timm registration waits for the process to import timm)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("deepspeed", "ray", "boto3", "botocore", "streaming", "tensorboard")
+HEAVY = ("deepspeed", "ray", "boto3", "botocore", "streaming", "tensorboard", "timm", "transformers")
 
 PROBE = f"""
 import json, sys

@@ -4,7 +4,8 @@ One torchrun launch runs many scenarios in one process group (DeepSpeed start-up
 each scenario calling pnet_dist.train.train_worker like Ray Train or torchrun would:
   - ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4} (fp32 and bf16), and the MoE model
     with expert parallelism 2: N steps straight vs N/2 steps, SIGTERM (to rank 1 only), resume:
-    the losses and the final eval agree bit for bit;
+    the losses and the final eval agree bit for bit; two of them also with activation
+    checkpointing, which must change no bit either;
   - a NaN batch (ZeRO-1 fp32, ZeRO-3 bf16): the step is skipped (weights, optimizer, BatchNorm
     statistics, EMA untouched), so the run equals one that never saw the batch; a NaN streak
     reloads the last checkpoint and equals a run that skipped those batches;
@@ -45,6 +46,9 @@ MATRIX = {
     # expert parallelism: each rank holds 2 of the 4 experts (pnet_dist.moe_deepspeed)
     "lm_ep2_z2_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=2", "deepspeed.ep_size=2"]),
 }
+# Activation checkpointing (train.grad_checkpointing) must not change a bit of these runs: BatchNorm
+# under bf16 autocast with EMA, and MoE blocks whose recomputation repeats the expert all-to-all.
+GRAD_CHECKPOINTING_CASES = ("vision_z2_bf16", "lm_ep2_z2_fp32")
 STOP_AT_STEP = 3
 # Constant lr, no mixing and no dropout: a skipped step must leave no trace at all.
 NONFINITE = ["deepspeed.zero_stage=1", "optim.min_lr=2e-3", "optim.warmup_steps=0", "data.mixup_alpha=0",
@@ -117,6 +121,9 @@ def scenario_matrix(workdir: Path) -> dict:
         stopped = run(config, common + [f"run_name={case}_resume"], sigterm_on_rank1((STOP_AT_STEP - 1) * gas))
         resumed = run(config, common + [f"run_name={case}_resume"])
         results[case] = {"straight": straight, "stopped": stopped, "resumed": resumed}
+        if case in GRAD_CHECKPOINTING_CASES:
+            results[case]["grad_ckpt"] = run(config, common + [f"run_name={case}_grad_ckpt",
+                                                               "train.grad_checkpointing=true"])
     common = NONFINITE + [f"checkpoint.uri={workdir / 'runs'}"]
     for name, extra in (("z1_fp32", []), ("z3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16",
                                                       "train.ema_decay=null"])):
@@ -240,6 +247,14 @@ def test_stop_and_resume_matches_straight_run_bit_for_bit(matrix, case):
     assert all(math.isfinite(v) for v in combined.values())
     assert resumed["eval"] == straight["eval"] and resumed["eval"]["model"]["loss"] > 0
     assert stopped["eval"] == {}                             # a preempted run does not evaluate
+
+
+@pytest.mark.parametrize("case", GRAD_CHECKPOINTING_CASES)
+def test_activation_checkpointing_changes_no_bit_of_a_run(matrix, case):
+    _, results = matrix
+    straight, checkpointed = results[case]["straight"], results[case]["grad_ckpt"]
+    assert steps(checkpointed["losses"]) == steps(straight["losses"]) and len(straight["losses"]) == 6
+    assert checkpointed["eval"] == straight["eval"]    # weights, BatchNorm statistics, EMA
 
 
 @pytest.mark.parametrize("case", ["z1_fp32", "z3_bf16"])

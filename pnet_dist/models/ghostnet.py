@@ -11,6 +11,11 @@ parameternet_pytorch/cv/parameternet.py) without its defects: no per-layer debug
 `reset_classifier` sizes the new head from the 1280 head features (the released one uses the
 1824 pooled channels, which breaks 22K -> 1K finetuning).
 
+The network answers timm's model interface: `pretrained_cfg` (from `default_cfgs` below, attached
+by the registry), `forward_features` / `forward_head(pre_logits=)`, `get_classifier` /
+`reset_classifier`, `set_grad_checkpointing` (one checkpointed segment per stage, BatchNorm
+statistics counted once: see pnet_dist.models.checkpointing) and `no_weight_decay`.
+
 Shapes: B batch, C channels, H/W spatial size, K classes.
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pnet_dist.models.checkpointing import checkpointed
 from pnet_dist.models.layers import ConvFactory, DropPath, SqueezeExcite, build_conv_factory, make_divisible
 from pnet_dist.models.registry import register_model
 
@@ -175,6 +181,7 @@ class GhostNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.input_size = input_size
+        self.grad_checkpointing = False
 
         stem_out = make_divisible(stem_channels * width, 4)
         self.conv_stem = ConvBnAct(conv_factory(in_channels, stem_out, 3, stride=2, padding=1), stem_out, act_layer)
@@ -212,13 +219,24 @@ class GhostNet(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per stage in training (timm's name); eval is never checkpointed."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names exempt from weight decay beyond timm's rule (1-d parameters and biases): none.
+
+        The released recipe decays every other weight, expert kernels and routers included.
+        """
+        return set()
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
     def reset_classifier(self, num_classes: int) -> None:
         """New head for `num_classes` (0 removes it), sized from the 1280 head features."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         weight = self.conv_head.weight
         self.classifier = (nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
@@ -226,13 +244,19 @@ class GhostNet(nn.Module):
 
     def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """Image -> the final (B, pool_channels, H/32, W/32) feature map."""
-        return self.blocks(self.conv_stem(x_BCHW))
+        x_BCHW = self.conv_stem(x_BCHW)
+        if not (self.grad_checkpointing and self.training):
+            return self.blocks(x_BCHW)
+        for stage in self.blocks:
+            x_BCHW = checkpointed(stage, x_BCHW)
+        return x_BCHW
 
-    def forward_head(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x_BCHW: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> logits, or (pre_logits=True) the head features the classifier takes."""
         x_BC11 = x_BCHW.mean((2, 3), keepdim=True)
         x_BC = self.act2(self.conv_head(x_BC11)).flatten(1)
         x_BC = F.dropout(x_BC, p=self.drop_rate, training=self.training)
-        return self.classifier(x_BC)
+        return x_BC if pre_logits else self.classifier(x_BC)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, K) logits."""
@@ -248,6 +272,23 @@ def build_ghostnet(arch: tuple[tuple[BlockSpec, ...], ...], width: float, dynami
         conv_factory = build_conv_factory(dynamic, num_experts=num_experts, gate=gate, router_layers=router_layers)
     return GhostNet(arch, conv_factory, width=width, num_classes=num_classes, drop_rate=drop_rate,
                     drop_path_rate=drop_path_rate, **network_kwargs)
+
+
+def _cfg(**overrides) -> dict:
+    """timm PretrainedCfg fields of a variant: the input our eval transform makes (pnet_dist.data.augment:
+    resize the short side to size / crop_pct, bilinear and antialiased, centre crop, ImageNet mean/std)."""
+    return {"input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875, "crop_mode": "center",
+            "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "num_classes": 1000, "first_conv": "conv_stem.conv", "classifier": "classifier",
+            "paper_name": "ParameterNet: Parameters Are All You Need", "paper_ids": "arXiv:2306.14525",
+            "origin_url": "https://github.com/huawei-noah/Efficient-AI-Backbones", **overrides}
+
+
+_DEBUG_CFG = {"input_size": (3, 32, 32), "pool_size": (4, 4), "num_classes": 10}
+default_cfgs = {
+    "parameternet_600m": _cfg(), "ghostnet_600m": _cfg(), "parameternet_300m": _cfg(), "ghostnet_300m": _cfg(),
+    "parameternet_debug": _cfg(**_DEBUG_CFG), "ghostnet_debug": _cfg(**_DEBUG_CFG),
+}
 
 
 _DYNAMIC_ONLY_KWARGS = ("num_experts", "gate", "router_layers")

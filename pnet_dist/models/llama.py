@@ -6,7 +6,8 @@ Owns `LlamaConfig`, `LlamaForCausalLM` and the registered variants:
     pnet_llama_1b_{gate,up,down}_e{4,8}   one FFN projection is a top-1 MoE (1.541B / 2.347B)
     llama_debug, pnet_llama_debug_{gate,up,down}_e{4,8}   vocab 512, hidden 64, 2 layers (CPU tests)
 Every builder accepts LlamaConfig field overrides, e.g. create_model("llama_1b", num_kv_heads=4)
-for grouped-query attention or aux_loss_mode="per_layer".
+for grouped-query attention or aux_loss_mode="per_layer". `model.set_grad_checkpointing()` (timm's
+name, as the vision models) checkpoints each decoder block in training.
 
 Interface the training engine relies on:
     model(input_ids_BT) -> (logits_BTV, aux_loss)
@@ -40,8 +41,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from pnet_dist.models.checkpointing import checkpointed
 from pnet_dist.models.moe import AUX_LOSS_MODES, MoEProjection, RouterBalance, moe_layers, switch_loss
 from pnet_dist.models.registry import register_model
 
@@ -79,7 +80,6 @@ class LlamaConfig:
     capacity_factor: float | None = None   # None: no token dropped
     aux_loss_coef: float = 0.01
     aux_loss_mode: str = "joint"           # "joint" (released code) | "per_layer"
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         for item in fields(self):   # a "10" from a config file must not reach the arithmetic below
@@ -218,8 +218,17 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per decoder block in training; eval is never checkpointed."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names exempt from weight decay beyond the 1-d rule (norms, biases): none, as in LLaMA."""
+        return set()
 
     def forward(self, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = input_ids_BT.shape[1]
@@ -229,8 +238,8 @@ class LlamaForCausalLM(nn.Module):
         x_BTD = self.embed_tokens(input_ids_BT)
         balances: list[RouterBalance] = []
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
-                x_BTD, layer_balances = checkpoint(layer, x_BTD, cos_TC, sin_TC, use_reentrant=False)
+            if self.grad_checkpointing and self.training:
+                x_BTD, layer_balances = checkpointed(layer, x_BTD, cos_TC, sin_TC)
             else:
                 x_BTD, layer_balances = layer(x_BTD, cos_TC, sin_TC)
             balances.extend(layer_balances)
