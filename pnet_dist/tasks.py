@@ -95,14 +95,24 @@ class ImageClassificationTask(_Task):
         data = self.cfg.data
         if self.synthetic:
             return _synthetic_loaders(self.cfg, _synthetic_image_sample(self.num_classes, data.image_size))
-        from pnet_dist.data import build_image_loader
+        if data.format == "ffcv":
+            from pnet_dist.data.ffcv_path import build_ffcv_image_loader
 
-        def make(uri: str, train: bool, batch_size: int):
-            return build_image_loader(
-                uri, train=train, batch_size=batch_size, image_size=data.image_size, num_workers=data.num_workers,
-                seed=data.shuffle_seed, crop_pct=data.crop_pct, randaugment_ops=data.randaugment_ops,
-                randaugment_magnitude=data.randaugment_magnitude, hflip=data.hflip,
-                num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train, cache_dir=data.cache_dir)
+            def make(uri: str, train: bool, batch_size: int):
+                return build_ffcv_image_loader(
+                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
+                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct, hflip=data.hflip,
+                    shuffle=data.shuffle and train, cache_dir=data.cache_dir)
+        else:
+            from pnet_dist.data import build_image_loader
+
+            def make(uri: str, train: bool, batch_size: int):
+                return build_image_loader(
+                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
+                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct,
+                    randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
+                    hflip=data.hflip, num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train,
+                    cache_dir=data.cache_dir)
         eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
         return make(data.train_uri, True, data.batch_size), eval_loader
 

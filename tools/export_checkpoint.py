@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from pnet_dist.export import export_checkpoint
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strip-prefix", default="", help="drop this prefix from parameter names")
     parser.add_argument("--hf", action="store_true", help="also write hf/ (config.json + model.safetensors), LLaMA only")
     args = parser.parse_args(argv)
+    from pnet_dist.export import export_checkpoint   # torch and the models: after --help
     model_kwargs = None
     if args.model_kwargs is not None:
         model_kwargs = json.loads(args.model_kwargs)
