@@ -62,6 +62,23 @@ from pnet_dist.optim import build_lr_scheduler, build_param_groups  # noqa: E402
 _SHM_OP_PRINT = re.compile(r"^DeepSpeed \S+ built successfully\n?$")
 
 
+@contextlib.contextmanager
+def _without_shm_op_print():
+    """Drop _SHM_OP_PRINT from what the block prints, and pass the rest on. Ray Train replaces
+    `print` in its workers with one that also logs to the root logger, hence the logging filter."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not _SHM_OP_PRINT.match(record.getMessage())
+    printed = io.StringIO()
+    logging.getLogger().addFilter(keep)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logging.getLogger().removeFilter(keep)
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not _SHM_OP_PRINT.match(line)))
+
+
 
 def build_ds_config(cfg: JobConfig, world_size: int, model: nn.Module) -> dict:
     """The ds_config dict: typed sections first, then deepspeed.raw merged over it."""
@@ -104,11 +121,8 @@ def _deep_merge(base: dict, extra: dict) -> None:
 def build_engine(cfg: JobConfig, model: nn.Module, world_size: int):
     """deepspeed.initialize over `model` with AdamW param groups and the cosine LambdaLR."""
     ds_config = build_ds_config(cfg, world_size, model)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with _without_shm_op_print():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
-                             if not _SHM_OP_PRINT.match(line)))
     if cfg.deepspeed.ep_size > 1:
         _setup_expert_parallel(cfg, model, ds_config, world_size)
     param_groups = build_param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
