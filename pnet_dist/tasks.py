@@ -13,7 +13,8 @@ summary of those sums, and the counted training FLOPs per sample (for MFU).
       train.moe_aux_coef, passed to the model as aux_loss_coef); eval loss and perplexity.
       FLOPs: 6 x active parameters x tokens (embedding lookups excluded; top-1 MoE: one expert).
 
-Data URIs: a dataset written by pnet_dist.data (local folder or s3://), or "synthetic:" --
+Data URIs: a dataset written by pnet_dist.data (local folder or s3://; images as MDS shards read
+by the streaming loaders, or with data.format=ffcv an ffcv dataset read by ffcv_path), or "synthetic:" --
 deterministic random batches made in the training process (no I/O), for benchmarks and smoke
 runs: sample i is a pure function of (data.shuffle_seed, i), and the loader position counts
 global samples, so a resume on another number of ranks continues the same sample stream.
