@@ -36,6 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     kind: Literal["image", "text"] = "image"
+    format: Literal["mds", "ffcv"] = "mds"     # images: MDS shards (streaming) or an ffcv dataset (ffcv_path.py)
     train_uri: str = _MISSING_REQUIRED         # local path, s3://, or synthetic: (see tasks.py)
     eval_uri: Optional[str] = None
     batch_size: int = 32                       # per rank micro-batch
@@ -361,6 +362,15 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
         fail("scaling.max_failures", f"must be >= 0, or -1 to restart without limit, got {cfg.scaling.max_failures}")
     if not 0.0 < cfg.data.crop_pct <= 1.0:
         fail("data.crop_pct", f"must be in (0, 1], got {cfg.data.crop_pct}")
+    if cfg.data.format == "ffcv":
+        if cfg.data.kind != "image":
+            fail("data.format", "ffcv reads image datasets only; use data.format=mds for text")
+        if cfg.data.train_uri.startswith("synthetic:"):
+            fail("data.format", "synthetic: data is made in the training process; data.format=ffcv reads a "
+                 "dataset written by tools/make_ffcv_beton.py")
+        if cfg.data.randaugment_ops:
+            fail("data.randaugment_ops", f"is {cfg.data.randaugment_ops}, but ffcv has no RandAugment: set "
+                 "data.randaugment_ops=0 to train through ffcv, or data.format=mds to keep RandAugment")
 
     optim = cfg.optim
     if not (optim.lr > 0 and math.isfinite(optim.lr)):

@@ -27,13 +27,57 @@ Choices, and why:
 """
 from __future__ import annotations
 
-import deepspeed
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+
 import torch
 from torch import nn
 
-from pnet_dist.config import JobConfig, check_moe_deepspeed
-from pnet_dist.models.moe import moe_layers
-from pnet_dist.optim import build_lr_scheduler, build_param_groups
+# A quiet console: each line below came once per rank and again in every restarted worker, and
+# none asks anything of the user. Filtered at its source, and only that line.
+# - DeepSpeed warns that it fell back to its CPU accelerator when no GPU is visible; on such a
+#   host the CPU is what we want, so name it before DeepSpeed looks.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+# - torch's extension builder, which DeepSpeed imports for its CPU ops, warns that CUDA_HOME
+#   exists without a CUDA runtime (CUDA-enabled torch wheels on a CPU host).
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
+# - DeepSpeed 0.19.8's ZeRO calls torch.distributed.all_gather_into_tensor, which torch 2.14
+#   deprecates with a FutureWarning at the first call of every run.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
+
+import deepspeed  # noqa: E402
+
+from pnet_dist.config import JobConfig, check_moe_deepspeed  # noqa: E402
+from pnet_dist.models.moe import moe_layers  # noqa: E402
+from pnet_dist.optim import build_lr_scheduler, build_param_groups  # noqa: E402
+
+# deepspeed.init_distributed prints this on every rank, also when the op only loads from the cache.
+_SHM_OP_PRINT = re.compile(r"^DeepSpeed \S+ built successfully\n?$")
+
+
+@contextlib.contextmanager
+def _without_shm_op_print():
+    """Drop _SHM_OP_PRINT from what the block prints, and pass the rest on. Ray Train replaces
+    `print` in its workers with one that also logs to the root logger, hence the logging filter."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not _SHM_OP_PRINT.match(record.getMessage())
+    printed = io.StringIO()
+    logging.getLogger().addFilter(keep)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logging.getLogger().removeFilter(keep)
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not _SHM_OP_PRINT.match(line)))
 
 
 
@@ -80,7 +124,8 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int):
     if moe_layers(model):
         check_moe_deepspeed(cfg, source="the job's deepspeed section")
     ds_config = build_ds_config(cfg, world_size, model)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with _without_shm_op_print():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if cfg.deepspeed.ep_size > 1:
         _setup_expert_parallel(cfg, model, world_size)
     param_groups = build_param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

@@ -5,6 +5,16 @@ an s3:// logdir is served by a local staging folder that is uploaded through pne
 every `sync_every_s` and at close -- TensorBoard's own S3 writer re-uploads the whole event file
 on every flush (STACK.md), and our storage layer brings retries and the endpoint configuration.
 
+Layout on TensorBoard's pages. Callers name a metric "<group>/<name>" (train/loss, ckpt/save_s);
+TensorBoard groups charts by the part before the first "/" and sorts the groups by name, so the
+writer prefixes each group with its place in TAG_GROUPS ("1_train/loss" ... "7_ckpt/save_s"), the
+way TensorBoard's maintainers suggest for controlling that order (tensorflow/tensorboard#865):
+loss, lr and throughput first, then eval, routing, and the timing and storage details last.
+Several lines in one chart (one per expert, per MoE layer, the EMA beside the model) are the same
+tag in several runs: `lines()` writes each line into its own sub-folder of the logdir, which
+TensorBoard shows as a run and overlays on every chart with that tag. Series that do not change
+during a run (the eval set's size) are not written.
+
 MFU = achieved model FLOP/s per rank / peak FLOP/s per rank, with model FLOPs counted, not
 measured, as the task reports them per sample (vision: counted MACs x 2 FLOPs x 3 for forward +
 backward; language: 6 x active parameters x tokens). The peak comes from
@@ -14,6 +24,7 @@ is not logged.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,6 +54,19 @@ def peak_flops_per_rank(device: torch.device, precision: str, override_tflops: f
     return None
 
 
+# Reading order of the tag groups (see the module docstring).
+TAG_GROUPS = ("train", "eval", "moe", "moe_load", "step", "perf", "ckpt")
+ROOT_RUN = "."          # TensorBoard's name for the event files directly in the logdir
+_GROUP_PLACE = re.compile(r"^\d+_")
+
+
+def display_tag(name: str) -> str:
+    """The TensorBoard tag of metric "<group>/<name>": its group prefixed with its place."""
+    group = name.partition("/")[0]
+    assert group in TAG_GROUPS, f"metric {name!r}: its group is not one of {TAG_GROUPS}"
+    return f"{TAG_GROUPS.index(group) + 1}_{name}"
+
+
 class MetricsWriter:
     """Scalars to TensorBoard from rank 0; every method is a no-op on other ranks."""
 
@@ -50,7 +74,8 @@ class MetricsWriter:
         self.logdir = logdir
         self.enabled = enabled
         self.sync_every_s = sync_every_s
-        self._writer: SummaryWriter | None = None
+        self._writers: dict[str, SummaryWriter] = {}
+        self._local_dir: str | None = None
         self._remote: storage.Storage | None = None
         self._staging: tempfile.TemporaryDirectory | None = None
         self._last_sync = time.monotonic()
@@ -59,39 +84,69 @@ class MetricsWriter:
         if storage.is_s3(logdir):
             self._remote = storage.open_storage(logdir)
             self._staging = tempfile.TemporaryDirectory(prefix="pnet_tb_")
-            local_dir = self._staging.name
+            self._local_dir = self._staging.name
         else:
-            local_dir = logdir
-            Path(local_dir).mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=local_dir, flush_secs=30)
+            self._local_dir = logdir
+            Path(logdir).mkdir(parents=True, exist_ok=True)
+        self._run_writer(ROOT_RUN)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is None:
+    def _run_writer(self, run: str) -> SummaryWriter:
+        if run not in self._writers:
+            self._writers[run] = SummaryWriter(log_dir=os.path.join(self._local_dir, run), flush_secs=30)
+        return self._writers[run]
+
+    def scalars(self, step: int, values: dict[str, float], run: str = ROOT_RUN) -> None:
+        """One point per metric ("<group>/<name>": value) at `step`, in `run` (a line of its charts)."""
+        if self._local_dir is None:
             return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, value, global_step=step)
+        writer = self._run_writer(run)
+        for name, value in values.items():
+            writer.add_scalar(display_tag(name), value, global_step=step)
         if self._remote is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
             self.sync()
 
+    def lines(self, step: int, name: str, values: dict[str, float]) -> None:
+        """One chart `name` with a line per key of `values` (each key is a run)."""
+        for run, value in values.items():
+            self.scalars(step, {name: value}, run=run)
+
     def sync(self) -> None:
         """Flush event files; for an s3:// logdir, upload them (whole files: S3 has no append)."""
-        if self._writer is None:
+        if self._local_dir is None:
             return
-        self._writer.flush()
+        for writer in self._writers.values():
+            writer.flush()
         if self._remote is not None:
-            for path in sorted(Path(self._staging.name).rglob("*")):
+            for path in sorted(Path(self._local_dir).rglob("*")):
                 if path.is_file():
-                    self._remote.put_file(path, str(path.relative_to(self._staging.name)))
+                    self._remote.put_file(path, str(path.relative_to(self._local_dir)))
             self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        if self._writer is None:
+        if self._local_dir is None:
             return
         self.sync()
-        self._writer.close()
-        self._writer = None
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        self._local_dir = None
         if self._staging is not None:
             self._staging.cleanup()
+
+
+def moe_lines(stats: dict[str, list]) -> dict[str, dict[str, float]]:
+    """Charts of pnet_dist.models.moe.moe_stats: {chart name: {line (run): value}}.
+
+    Figures compared across layers (router entropy, max/min expert load, dropped fraction) are one
+    chart each with a line per layer; each layer's expert load is one chart with a line per expert.
+    """
+    charts: dict[str, dict[str, float]] = {}
+    for key in ("router_entropy", "max_min_load_ratio", "dropped_frac"):
+        if key in stats:
+            charts[f"moe/{key}"] = {f"layer_{k:02d}": value for k, value in enumerate(stats[key])}
+    for k, loads in enumerate(stats.get("expert_load", [])):
+        charts[f"moe_load/layer_{k:02d}"] = {f"expert_{e}": value for e, value in enumerate(loads)}
+    return charts
 
 
 @dataclass
@@ -123,23 +178,24 @@ class ThroughputMeter:
         """Rates of the interval (global: this rank's counts x world size), then restart."""
         wall = max(time.perf_counter() - self._start, 1e-9)
         out = {
-            "perf/samples_per_s": self.samples * self.world_size / wall,
+            "train/samples_per_s": self.samples * self.world_size / wall,
             "perf/data_wait_frac": self.data_wait_s / wall,
             "perf/step_time_s": wall / max(self.steps, 1),
         }
         if self.tokens:
-            out["perf/tokens_per_s"] = self.tokens * self.world_size / wall
+            out["train/tokens_per_s"] = self.tokens * self.world_size / wall
         flops_per_s_per_rank = self.samples * self.flops_per_sample / wall
         out["perf/tflops_per_rank"] = flops_per_s_per_rank / 1e12
         if self.peak_flops:
-            out["perf/mfu"] = flops_per_s_per_rank / self.peak_flops
+            out["train/mfu"] = flops_per_s_per_rank / self.peak_flops
         self.restart()
         return out
 
 
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+def read_events(logdir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Every scalar in the event files under `logdir` (local or s3://), read with TensorBoard's
-    EventAccumulator: {tag: [(step, value), ...]} in file order."""
+    EventAccumulator: {run: {tag as TensorBoard shows it: [(step, value), ...]}}; the logdir's own
+    event files are run "."."""
     with tempfile.TemporaryDirectory(prefix="pnet_tb_read_") as tmp:
         local = logdir
         if storage.is_s3(logdir):
@@ -147,10 +203,17 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
             for key in remote.list():
                 remote.get_file(key, os.path.join(tmp, key))
             local = tmp
-        scalars: dict[str, list[tuple[int, float]]] = {}
+        runs: dict[str, dict[str, list[tuple[int, float]]]] = {}
         for event_dir in sorted({p.parent for p in Path(local).rglob("events.out.tfevents.*")}):
             accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
             accumulator.Reload()
+            scalars = runs.setdefault(str(event_dir.relative_to(local)), {})
             for tag in accumulator.Tags()["scalars"]:
                 scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-        return scalars
+        return runs
+
+
+def read_scalars(logdir: str, run: str = ROOT_RUN) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of one run under `logdir` by metric name as logged ("train/loss", without the
+    group's place that the writer puts in front): {name: [(step, value), ...]} in file order."""
+    return {_GROUP_PLACE.sub("", tag): points for tag, points in read_events(logdir).get(run, {}).items()}

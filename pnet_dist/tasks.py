@@ -13,7 +13,8 @@ summary of those sums, and the counted training FLOPs per sample (for MFU).
       train.moe_aux_coef, passed to the model as aux_loss_coef); eval loss and perplexity.
       FLOPs: 6 x active parameters x tokens (embedding lookups excluded; top-1 MoE: one expert).
 
-Data URIs: a dataset written by pnet_dist.data (local folder or s3://), or "synthetic:" --
+Data URIs: a dataset written by pnet_dist.data (local folder or s3://; images as MDS shards read
+by the streaming loaders, or with data.format=ffcv an ffcv dataset read by ffcv_path), or "synthetic:" --
 deterministic random batches made in the training process (no I/O), for benchmarks and smoke
 runs: sample i is a pure function of (data.shuffle_seed, i), and the loader position counts
 global samples, so a resume on another number of ranks continues the same sample stream.
@@ -105,14 +106,24 @@ class ImageClassificationTask(_Task):
         data = self.cfg.data
         if self.synthetic:
             return _synthetic_loaders(self.cfg, _synthetic_image_sample(self.num_classes, data.image_size))
-        from pnet_dist.data import build_image_loader
+        if data.format == "ffcv":
+            from pnet_dist.data.ffcv_path import build_ffcv_image_loader
 
-        def make(uri: str, train: bool, batch_size: int):
-            return build_image_loader(
-                uri, train=train, batch_size=batch_size, image_size=data.image_size, num_workers=data.num_workers,
-                seed=data.shuffle_seed, crop_pct=data.crop_pct, randaugment_ops=data.randaugment_ops,
-                randaugment_magnitude=data.randaugment_magnitude, hflip=data.hflip,
-                num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train, cache_dir=data.cache_dir)
+            def make(uri: str, train: bool, batch_size: int):
+                return build_ffcv_image_loader(
+                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
+                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct, hflip=data.hflip,
+                    shuffle=data.shuffle and train, cache_dir=data.cache_dir)
+        else:
+            from pnet_dist.data import build_image_loader
+
+            def make(uri: str, train: bool, batch_size: int):
+                return build_image_loader(
+                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
+                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct,
+                    randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
+                    hflip=data.hflip, num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train,
+                    cache_dir=data.cache_dir)
         eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
         return make(data.train_uri, True, data.batch_size), eval_loader
 

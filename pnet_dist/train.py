@@ -43,7 +43,7 @@ from pnet_dist.checkpoint import CheckpointManager
 from pnet_dist.config import JobConfig, load_config, save_resolved
 from pnet_dist.engine import build_engine, poison_nonfinite
 from pnet_dist.log import get_logger
-from pnet_dist.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_rank
+from pnet_dist.metrics import ROOT_RUN, MetricsWriter, ThroughputMeter, moe_lines, peak_flops_per_rank
 from pnet_dist.models.moe import moe_stats
 from pnet_dist.optim import ModelEma
 from pnet_dist.tasks import build_task
@@ -229,18 +229,18 @@ class Trainer:
         losses, self.interval_losses = self.interval_losses, []
         grad_norm = self.engine.get_global_grad_norm()
         values = {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/lr": result.lr,
-                  "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                  "train/nonfinite_total": state.nonfinite_total, "train/samples": state.samples,
-                  **{f"train/{k}": v for k, v in result.extras.items()}, **self.meter.summary()}
-        if state.tokens:
-            values["train/tokens"] = state.tokens
-        values.update(moe_stats(self.engine.module))
+                  "step/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  **{f"step/{k}": v for k, v in result.extras.items()}, **self.meter.summary()}
+        if state.nonfinite_total:  # charted from the first skipped step on; a flat 0 until then
+            values["step/nonfinite_total"] = state.nonfinite_total
         if state.step % cfg.metrics.log_every_steps == 0:
             self.writer.scalars(state.step, values)
+            for name, lines in moe_lines(moe_stats(self.engine.module)).items():
+                self.writer.lines(state.step, name, lines)
         if state.step % cfg.train.log_every_steps == 0 and dist.is_main():
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.1f samples/s data_wait %.0f%%", state.step,
-                     cfg.train.max_steps, values["train/loss"], values["train/lr"], values["train/grad_norm"],
-                     values["perf/samples_per_s"], 100 * values["perf/data_wait_frac"])
+                     cfg.train.max_steps, values["train/loss"], values["train/lr"], values["step/grad_norm"],
+                     values["train/samples_per_s"], 100 * values["perf/data_wait_frac"])
 
     def evaluate(self) -> dict:
         max_batches = self.cfg.train.eval_max_batches
@@ -248,8 +248,11 @@ class Trainer:
         if self.ema is not None:
             results["ema"] = evaluate(self.task, self.ema.module, self.eval_loader, max_batches)
         for name, metrics in results.items():
-            prefix = "eval" if name == "model" else "eval_ema"
-            self.writer.scalars(self.state.step, {f"{prefix}/{key}": value for key, value in metrics.items()})
+            # The EMA's figures are a second line on the model's eval charts; the eval set's size
+            # (samples, tokens) is the same at every eval and goes to the console only.
+            self.writer.scalars(self.state.step, {f"eval/{key}": value for key, value in metrics.items()
+                                                  if key not in ("samples", "tokens")},
+                                run="ema" if name == "ema" else ROOT_RUN)
         if dist.is_main():
             log.info("step %d eval: %s", self.state.step, json.dumps(results))
         self.meter.restart()

@@ -247,22 +247,3 @@ def test_clean_stale_shared_memory_only_touches_dead_blocks_of_our_dirs(tmp_path
                 shm.unlink()
             except FileNotFoundError:
                 pass
-
-
-def test_ffcv_beton_round_trip(tmp_path):
-    pytest.importorskip("ffcv")
-    from pnet_dist.data.ffcv_path import build_ffcv_image_loader, write_beton
-    from pnet_dist.data.images import convert_images
-    src = tmp_path / "src"
-    for c in range(2):
-        (src / f"c{c}").mkdir(parents=True)
-        for i in range(6):
-            (src / f"c{c}" / f"{i}.jpg").write_bytes(_jpeg(c * 10 + i, size=(40, 36)))
-    convert_images(str(src), str(tmp_path / "shards"), images_per_part=100)
-    beton = str(tmp_path / "d.beton")
-    assert write_beton(str(tmp_path / "shards"), beton) == 12
-    loader = build_ffcv_image_loader(beton, train=False, batch_size=4, image_size=16, num_workers=1)
-    batches = list(loader)
-    labels = torch.cat([y for _, y in batches])
-    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
-    assert batches[0][0].shape == (4, 3, 16, 16) and batches[0][0].dtype == torch.float32

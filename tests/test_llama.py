@@ -54,7 +54,7 @@ def test_forward_returns_logits_and_scaled_aux_loss(name):
         # coefficient 0.01 times a Switch loss that is ~1 for a near-uniform router
         assert 0.005 < aux.item() < 0.05
         stats = moe_stats(model)
-        assert {"moe/layer0/router_entropy", "moe/layer1/dropped_frac"} <= set(stats)
+        assert len(stats["router_entropy"]) == 2 and len(stats["expert_load"][1]) == int(name[-1])
 
 
 def test_aux_loss_is_coefficient_times_switch_loss_of_the_layers():

@@ -82,7 +82,7 @@ def test_pretrained_flag_and_bad_num_classes_give_clear_errors():
     assert create_model("parameternet_debug", pretrained=False).num_classes == 10
     with pytest.raises(ValueError, match="no pretrained weights are published for 'parameternet_600m'"):
         create_model("parameternet_600m", pretrained=True)
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 0.*'10'"):
+    with pytest.raises(ValueError, match="num_classes must be an integer.*.10."):
         create_model("parameternet_debug", num_classes="10")
     with pytest.raises(ValueError, match="num_classes must be an integer"):
         create_model("parameternet_debug").reset_classifier(2.5)

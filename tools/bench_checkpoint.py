@@ -46,13 +46,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("PNET_LOG_LEVEL", "WARNING")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from pnet_dist.dist import free_port  # noqa: E402
-
 
 def start_moto() -> tuple[subprocess.Popen, str]:
+    from pnet_dist.dist import free_port
     port = free_port()
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
@@ -71,6 +67,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def build_engine(params_m: float):
     import deepspeed
+    import torch
+    from torch import nn
     width = int((params_m * 1e6 / 4) ** 0.5)  # four width x width layers
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(width, width), nn.GELU())])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -81,6 +79,7 @@ def build_engine(params_m: float):
 
 
 def step_times(engine, width: int, num_steps: int) -> list[float]:
+    import torch
     x = torch.randn(32, width)
     times = []
     for _ in range(num_steps):
@@ -116,6 +115,8 @@ def main() -> None:
     parser.add_argument("--rows-json", action="store_true",
                         help="also print the rows as one 'BENCH_ROWS <json>' line (read by bench_engine.py)")
     args = parser.parse_args()
+    import torch   # torch, deepspeed and boto3 load after --help
+    from pnet_dist.dist import free_port
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]
 

@@ -22,9 +22,28 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--variant", default="600m", choices=["600m", "300m", "debug"],
+                        help="parameternet_<variant> vs ghostnet_<variant>")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per model (median)")
+    parser.add_argument("--layer-repeats", type=int, default=3, help="timed fwd+bwd per layer (median)")
+    parser.add_argument("--skip-breakdown", action="store_true")
+    parser.add_argument("--all-paths", action="store_true", help="also time the dominated 1x1 paths")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()   # --help and usage errors answer before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -161,19 +180,7 @@ def run_breakdown(args) -> list[tuple[str, dict[str, float], str]]:
     return [(kind, dict(totals), "+".join(sorted(auto_impl[kind]))) for kind, totals in seconds_by_kind.items()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--variant", default="600m", choices=["600m", "300m", "debug"],
-                        help="parameternet_<variant> vs ghostnet_<variant>")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per model (median)")
-    parser.add_argument("--layer-repeats", type=int, default=3, help="timed fwd+bwd per layer (median)")
-    parser.add_argument("--skip-breakdown", action="store_true")
-    parser.add_argument("--all-paths", action="store_true", help="also time the dominated 1x1 paths")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     torch.manual_seed(0)
@@ -232,4 +239,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     from pnet_dist.cli import run
-    sys.exit(run(main))
+    sys.exit(run(lambda: main(ARGS)))

@@ -32,14 +32,10 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
 
 def make_photos(root: Path, num_images: int) -> list[bytes]:
     """ImageNet-like JPEGs from scikit-learn's sample photos, written as root/<class>/<i>.JPEG."""
+    import numpy as np
     from PIL import Image, ImageEnhance
     from sklearn.datasets import load_sample_images
 
@@ -81,6 +77,8 @@ def rate(fn, count: int, repeats: int = 1) -> float:
 
 
 def decoder_rows(blobs: list[bytes]) -> list[tuple[str, float]]:
+    import numpy as np
+    import torch
     from PIL import Image
     from pnet_dist.data.augment import random_resized_crop_box
     import torchvision.transforms.v2.functional as TF
@@ -159,10 +157,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    import numpy as np   # the heavy imports come after --help
+    import torch
     import torchvision
     from torchvision import transforms as T
     from pnet_dist.data import build_image_loader, build_text_loader
     from pnet_dist.data.images import convert_images
+    torch.set_num_threads(1)
 
     table: list[tuple[str, str, float, str]] = []      # name, ours, ratio, baseline
     with tempfile.TemporaryDirectory() as tmp_dir:

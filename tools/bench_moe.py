@@ -20,11 +20,27 @@ import statistics
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
 
-from pnet_dist.models import create_model
-from pnet_dist.models.moe import MoEProjection, shard_experts
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="GPU tokens/s and MFU for the 1B models")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 TFLOP/s")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1: on a small shared machine, extra "
+                             "threads mostly measure OpenMP barriers waiting on other processes)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()   # --help and usage errors answer before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pnet_dist.models import create_model  # noqa: E402
+from pnet_dist.models.moe import MoEProjection, shard_experts  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -178,16 +194,7 @@ def _format(value) -> str:
     return str(value)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="GPU tokens/s and MFU for the 1B models")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 TFLOP/s")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU intra-op threads (default 1: on a small shared machine, extra "
-                             "threads mostly measure OpenMP barriers waiting on other processes)")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     if args.gpu:
         rows = bench_gpu(args.batch or 4, 2048, args.repeats, args.peak_tflops)
         _print_table("1B models, seq 2048, bf16 autocast, fwd+bwd+AdamW",
@@ -218,4 +225,4 @@ if __name__ == "__main__":
     import sys
 
     from pnet_dist.cli import run
-    sys.exit(run(main))
+    sys.exit(run(lambda: main(ARGS)))

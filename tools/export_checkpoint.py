@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="text dataset (tools/make_text_shards.py output) whose tokenizer goes into hf/ "
                              "(default: the run's data.train_uri)")
     args = parser.parse_args(argv)
+    from pnet_dist.export import export_checkpoint   # torch and the models: after --help
     model_kwargs = None
     if args.model_kwargs is not None:
         try:
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     if args.dataset is not None and not args.hf:
         parser.error("--dataset only applies with --hf")
-    from pnet_dist.export import export_checkpoint  # here, so that --help answers without importing torch
-
     export_checkpoint(args.run_uri, args.out_dir, args.step, model_name=args.model, model_kwargs=model_kwargs,
                       ema_key=args.ema_key, strip_prefix=args.strip_prefix, hf=args.hf, dataset_uri=args.dataset)
 

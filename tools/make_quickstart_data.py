@@ -14,8 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pnet_dist.cli import run  # noqa: E402
-from pnet_dist.data.quickstart import make_quickstart_data  # noqa: E402
-from pnet_dist.data.shards import configure_s3_endpoint  # noqa: E402
 
 
 def main() -> int:
@@ -25,6 +23,8 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS config)")
     args = parser.parse_args()
+    from pnet_dist.data.quickstart import make_quickstart_data   # numpy, the converters: after --help
+    from pnet_dist.data.shards import configure_s3_endpoint
     configure_s3_endpoint(args.endpoint_url)
     for name, summary in make_quickstart_data(args.out, seq_len=args.seq_len, vocab_size=args.vocab_size).items():
         print(f"{name}: {summary.report()}")

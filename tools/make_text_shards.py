@@ -18,8 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pnet_dist.cli import run  # noqa: E402
-from pnet_dist.data.shards import configure_s3_endpoint  # noqa: E402
-from pnet_dist.data.text import convert_text, list_inputs, train_tokenizer  # noqa: E402
 
 
 def main() -> int:
@@ -37,6 +35,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="input files tokenized in parallel")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS config)")
     args = parser.parse_args()
+    from pnet_dist.data.shards import configure_s3_endpoint   # numpy, tokenizers: after --help
+    from pnet_dist.data.text import convert_text, list_inputs, train_tokenizer
     configure_s3_endpoint(args.endpoint_url)
     if args.train_tokenizer_only:
         if not args.train_vocab_size:

@@ -16,18 +16,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pnet_dist.cli import run  # noqa: E402
-from pnet_dist.models import list_models  # noqa: E402
-from pnet_dist.models.report import build_report, format_report  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", help=f"subset of: {', '.join(list_models())}")
+    parser.add_argument("--models", nargs="+", help="registered model names (default: every one)")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards per model (median)")
     parser.add_argument("--max-latency-params", type=float, default=100e6,
                         help="time only models with at most this many parameters")
     args = parser.parse_args()
+    from pnet_dist.models import list_models   # torch: after --help
+    from pnet_dist.models.report import build_report, format_report
     unknown = sorted(set(args.models or []) - set(list_models()))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(list_models())}")

@@ -8,6 +8,11 @@
 # arguments are config overrides for jobs/quickstart_vision.yaml.
 set -euo pipefail
 
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then   # before anything is installed
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
+
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 start=$SECONDS

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Create/update .venv with the package, its dev extras and the ffcv extra, then run every test
 # tier. GPU tests skip by themselves where no CUDA device exists.
-# Usage: bash tools/run_tests.sh [pytest args]
+# Usage: bash tools/run_tests.sh [pytest args]      e.g. -m unit, or -m "dist or e2e"
 set -euo pipefail
+
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then   # before anything is installed
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 # ffcv compiles against libturbojpeg and OpenCV; install them where we can (root with apt).

@@ -1,4 +1,16 @@
-"""Image datasets: ImageFolder / ImageNet-22K tars -> MDS shards, and the image train/eval loaders.
+"""Image datasets: ImageNet-1K/22K layouts -> MDS shards, and the image train/eval loaders.
+
+Input layouts (`detect_layout`):
+  folder  ImageFolder, root/<synset>/<image> (ImageNet-1K train, or val after sorting into folders);
+  tars    the ImageNet-22K release once its outer tar is unpacked: root/<synset>.tar, each holding
+          that synset's images, read in place (no second unpacking);
+  flat    ImageNet-1K's official validation layout: root/<image> with the labels in a separate
+          file (`read_image_labels`: the ILSVRC2012 devkit archive, Kaggle's LOC_val_solution.csv,
+          or "<file> <synset>" lines).
+Hold-out split: `convert_images(..., holdout_per_class=N, holdout_uri=...)` writes N images of
+each class, chosen with the seed, to their own dataset (the same class index) and the rest to
+the training output -- ImageNet-22K has no validation split. A class keeps at least half of its
+images for training (one with 2N images or fewer gives up half, rounded down).
 
 Shard columns: jpeg (the file's bytes as stored, unless it had to be re-encoded), label (int),
 synset (str), name (str, the input's path relative to the source, for tracing a sample back).
@@ -138,11 +150,86 @@ def list_synset_tars(root: str, class_index: dict[str, int] | None = None, num_w
                       sorted(classes, key=classes.get))
 
 
+def _image_stem(name: str) -> str:
+    return Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def read_image_labels(path: str) -> dict[str, str]:
+    """Image file stem -> synset from a label file: the ILSVRC2012 devkit archive
+    (ILSVRC2012_devkit_t12.tar.gz: data/meta.mat numbers the synsets, and line i of
+    data/ILSVRC2012_validation_ground_truth.txt is the number of ILSVRC2012_val_<i, 8 digits>),
+    Kaggle's LOC_val_solution.csv (ImageId,PredictionString; the first word of the prediction is
+    the synset), or lines "<file> <synset>" (whitespace or comma separated)."""
+    if tarfile.is_tarfile(path):
+        return _read_devkit_labels(path)
+    labels: dict[str, str] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.replace(",", " ").split()
+            if not fields or (number == 1 and fields[0] == "ImageId"):
+                continue
+            if len(fields) < 2 or not fields[1].startswith("n"):
+                raise ValueError(f"{path}:{number}: expected '<image file> <synset>' (e.g. 'ILSVRC2012_val_00000001"
+                                 f".JPEG n01751748'), got {line.strip()!r}")
+            labels[_image_stem(fields[0])] = fields[1]
+    return labels
+
+
+def _read_devkit_labels(path: str) -> dict[str, str]:
+    from scipy.io import loadmat
+
+    with tarfile.open(path) as tar:
+        members = {Path(m.name).name: m for m in tar if m.isfile()}
+        missing = {"meta.mat", "ILSVRC2012_validation_ground_truth.txt"} - set(members)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}: pass the ILSVRC2012 devkit archive "
+                             f"(ILSVRC2012_devkit_t12.tar.gz) or a '<file> <synset>' label file")
+        synsets = loadmat(io.BytesIO(tar.extractfile(members["meta.mat"]).read()), squeeze_me=True)["synsets"]
+        ground_truth = tar.extractfile(members["ILSVRC2012_validation_ground_truth.txt"]).read().decode().split()
+    wnid_of = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets}
+    return {f"ILSVRC2012_val_{i:08d}": wnid_of[int(number)] for i, number in enumerate(ground_truth, 1)}
+
+
+def list_flat_folder(root: str, labels: dict[str, str], class_index: dict[str, int] | None = None,
+                     labels_source: str = "the label file") -> ImageItems:
+    """ImageNet-1K validation layout: root/<image>, labels by file stem (see read_image_labels)."""
+    root_path = Path(root)
+    files = sorted(p for p in root_path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+        if root_path.is_dir() else []
+    if not files:
+        raise ValueError(f"{root} holds no image files; expected a flat folder of images (ILSVRC2012 val)")
+    unlabelled = [p.name for p in files if p.stem not in labels]
+    if unlabelled:
+        raise ValueError(f"{root}: {len(unlabelled)} images have no label in {labels_source}, e.g. "
+                         f"{unlabelled[:3]}; pass the label file of this image set")
+    classes = _resolve_classes(sorted({labels[p.stem] for p in files}), class_index, root)
+    n = len(files)
+    return ImageItems([str(p) for p in files], np.arange(n, dtype=np.int32), np.full(n, -1, np.int64),
+                      np.zeros(n, np.int64), np.array([p.name for p in files]),
+                      np.array([classes[labels[p.stem]] for p in files], np.int64), sorted(classes, key=classes.get))
+
+
 def detect_layout(root: str) -> str:
     path = Path(root)
     if path.is_dir() and any(path.glob("*.tar")):
         return "tars"
+    if path.is_dir() and not any(p.is_dir() for p in path.iterdir()) \
+            and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return "flat"
     return "folder"
+
+
+def split_holdout(items: ImageItems, per_class: int, seed: int) -> tuple[ImageItems, ImageItems]:
+    """(training items, held-out items), each in listing order: per class, `per_class` items drawn
+    with `seed`, at most half of the class (rounded down)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(items), dtype=bool)
+    order = np.argsort(items.labels, kind="stable")
+    starts = np.searchsorted(items.labels[order], np.arange(len(items.synsets) + 1))
+    for label in range(len(items.synsets)):
+        members = order[starts[label]:starts[label + 1]]
+        held[rng.permutation(members)[:min(per_class, len(members) // 2)]] = True
+    return items.take(np.flatnonzero(~held)), items.take(np.flatnonzero(held))
 
 
 # -- validating / re-encoding one image ---------------------------------------------------------------
@@ -197,36 +284,54 @@ def _write_image_part(items: ImageItems, parts: list[np.ndarray], max_side: int 
 
 
 def convert_images(src: str, out_uri: str, *, layout: str = "auto", class_index: dict[str, int] | None = None,
+                   labels_file: str | None = None, holdout_per_class: int = 0, holdout_uri: str | None = None,
                    images_per_part: int = 10_000, num_workers: int = 1, max_side: int | None = None,
                    quality: int = 90, seed: int = 0) -> ConversionSummary:
-    """An ImageFolder tree or a folder of <synset>.tar files -> MDS shards + class_index.json."""
+    """An image tree (see the module docstring for the layouts) -> MDS shards + class_index.json at
+    out_uri; with holdout_per_class, that many images of each class go to holdout_uri instead
+    (the returned summary's `holdout`)."""
     for name, value, lowest in (("images_per_part", images_per_part, 1), ("num_workers", num_workers, 1),
                                 ("quality", quality, 1)):
         if value < lowest:   # before anything is listed or written
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {lowest}, got {value}")
     layout = detect_layout(src) if layout == "auto" else layout
+    if (labels_file is not None) != (layout == "flat"):
+        raise ValueError(f"{src}: the flat layout (a folder of images, ILSVRC2012 val) needs a label file and "
+                         f"only it takes one; layout is {layout!r}, label file {labels_file!r}")
+    if bool(holdout_per_class) != bool(holdout_uri):
+        raise ValueError("a hold-out split needs both holdout_per_class (> 0) and holdout_uri")
     if layout == "folder":
         items = list_image_folder(src, class_index)
     elif layout == "tars":
         items = list_synset_tars(src, class_index, num_workers)
+    elif layout == "flat":
+        items = list_flat_folder(src, read_image_labels(labels_file), class_index, labels_file)
     else:
-        raise ValueError(f"layout must be auto, folder or tars; got {layout!r}")
+        raise ValueError(f"layout must be auto, folder, tars or flat; got {layout!r}")
     if not len(items):
         raise ValueError(f"{src}: no image files found")
-    return write_image_items(items, out_uri, images_per_part=images_per_part, num_workers=num_workers,
-                             max_side=max_side, quality=quality, seed=seed, source=src)
+    write = functools.partial(write_image_items, images_per_part=images_per_part, num_workers=num_workers,
+                              max_side=max_side, quality=quality, seed=seed, source=src)
+    if not holdout_per_class:
+        return write(items, out_uri)
+    train_items, holdout_items = split_holdout(items, holdout_per_class, seed)
+    split = {"holdout_per_class": holdout_per_class, "holdout_seed": seed}
+    holdout = write(holdout_items, holdout_uri, split={**split, "split": "holdout"})
+    summary = write(train_items, out_uri, split={**split, "split": "train"})
+    summary.holdout = holdout
+    return summary
 
 
 def write_image_items(items: ImageItems, out_uri: str, *, images_per_part: int = 10_000, num_workers: int = 1,
                       max_side: int | None = None, quality: int = 90, seed: int = 0,
-                      source: str = "") -> ConversionSummary:
+                      source: str = "", split: dict | None = None) -> ConversionSummary:
     order = np.random.default_rng(seed).permutation(len(items))
     parts = np.array_split(order, max(1, -(-len(items) // images_per_part)))
     class_index = json.dumps({synset: label for label, synset in enumerate(items.synsets)}, indent=0).encode()
-    meta = {"kind": "image", "num_classes": len(items.synsets), "source": source, "format": "jpeg"}
-    # The labels are in the shards: a re-run with another class index must not reuse their parts.
+    meta = {"kind": "image", "num_classes": len(items.synsets), "source": source, "format": "jpeg", **(split or {})}
+    # The labels are in the shards: a re-run with another class index (or split) must not reuse their parts.
     options = {"num_items": len(items), "images_per_part": images_per_part, "seed": seed, "max_side": max_side,
-               "quality": quality, "class_index_sha256": hashlib.sha256(class_index).hexdigest()}
+               "quality": quality, "class_index_sha256": hashlib.sha256(class_index).hexdigest(), **(split or {})}
     return write_parts(out_uri, len(parts), functools.partial(_write_image_part, items, parts, max_side, quality),
                        num_workers=num_workers, total_inputs=len(items), desc="images", meta=meta,
                        options=options, side_files={CLASS_INDEX: class_index})
@@ -258,6 +363,8 @@ def build_image_loader(uri: str, *, train: bool, batch_size: int, image_size: in
     info = dataset_info(uri)
     if info.get("kind") != "image":
         raise ValueError(f"{uri} holds a {info.get('kind')!r} dataset, not images")
+    if "ffcv_beton" in info:
+        raise ValueError(f"{uri} holds an ffcv dataset, not image shards: set data.format=ffcv to read it")
     transform = (TrainTransform(image_size, hflip, randaugment_ops, randaugment_magnitude, min_crop_scale) if train
                  else EvalTransform(image_size, crop_pct))
     shuffle = train if shuffle is None else shuffle

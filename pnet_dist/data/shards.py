@@ -95,12 +95,15 @@ class ConversionSummary:
     num_samples: int
     skipped: list[tuple[str, str]]
     extra: dict[str, Any]
+    holdout: "ConversionSummary | None" = None     # images: the held-out split, when one was made
 
     def report(self) -> str:
         lines = [f"{self.num_samples} samples in {self.num_parts} parts "
                  f"({self.num_parts_reused} finished earlier and skipped); {len(self.skipped)} inputs skipped"]
         lines += [f"  {key}: {value}" for key, value in sorted(self.extra.items())]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        if self.holdout is not None:
+            lines += ["held out: " + self.holdout.report()]
         return "\n".join(lines)
 
 
@@ -330,9 +333,19 @@ def streaming_kwargs(uri: str, *, batch_size: int, shuffle: bool, seed: int, num
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()                   # other local ranks look for shm prefixes only after the clean-up
+    num_canonical_nodes = num_canonical_nodes or world.num_nodes
+    # predownload and shuffle_block_size are streaming's own defaults, passed explicitly: left
+    # unset, streaming logs "Because ... was not specified" in every rank's loader (the block size
+    # at every epoch: 7-8 lines per Ray run).
     return dict(remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-                shuffle_algo="py1e", partition_algo="relaxed",
-                num_canonical_nodes=num_canonical_nodes or world.num_nodes)
+                shuffle_algo="py1e", partition_algo="relaxed", num_canonical_nodes=num_canonical_nodes,
+                shuffle_block_size=shuffle_block_size(num_canonical_nodes), predownload=8 * batch_size)
+
+
+def shuffle_block_size(num_canonical_nodes: int) -> int:
+    """Streaming's default block size for the canonical nodes, which a resume may bring back from
+    the checkpoint (ShardLoader.load_state_dict), so the sample order is the one streaming picks."""
+    return max(4_000_000 // num_canonical_nodes, 1 << 18)
 
 
 class ShardLoader:
@@ -417,6 +430,7 @@ class ShardLoader:
         self._pending_state = dict(state)
         # Later epochs fork their workers from this process's dataset: carry the run's settings over.
         self.dataset.num_canonical_nodes = state["num_canonical_nodes"]
+        self.dataset.shuffle_block_size = shuffle_block_size(state["num_canonical_nodes"])
         self.dataset.shuffle_seed = state["shuffle_seed"]
         self.dataset.initial_physical_nodes = state.get("initial_physical_nodes")
         self.loader.load_state_dict(dict(state))

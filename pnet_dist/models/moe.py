@@ -43,12 +43,13 @@ experts a rank does not hold, so `model.load_state_dict(full_state_dict)` works 
 `expert_state_dict` / `load_expert_state_dict` move just the local experts.
 
 Statistics: each MoEProjection keeps detached statistics of its last forward; `moe_stats(model)`
-returns them as floats keyed "moe/layer{k}/load_e{j}", "moe/layer{k}/router_entropy",
-"moe/layer{k}/dropped_frac", where k counts MoE projections in module order (one per decoder
-block, so k is the block index) -- values are over the local rank's tokens.
+returns them per layer k (MoE projections in module order: one per decoder block, so k is the
+block index), over the local rank's tokens: the fraction of tokens routed to each expert, the
+router entropy, the max/min expert load ratio (an expert with no token counts as one) and, where
+tokens can be dropped (a capacity factor is set), the dropped fraction.
 
 Shape legend: B batch, T sequence, N tokens (B*T), I d_in, O d_out, E experts, L local experts,
-P expert-parallel ranks, S statistics per layer (E + 2).
+P expert-parallel ranks, S statistics per layer (E + 3).
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ class MoEProjection(nn.Module):
         with torch.no_grad():
             entropy = -(probs_NE * torch.log(probs_NE.clamp_min(1e-20))).sum(-1).mean()
             dropped = 1.0 - kept_order.numel() / max(N, 1)
-            self.last_stats_S = torch.cat([tokens_E.float() / max(N, 1), entropy.view(1),
+            max_min_ratio = tokens_E.max().float() / tokens_E.min().clamp_min(1).float()
+            self.last_stats_S = torch.cat([tokens_E.float() / max(N, 1), entropy.view(1), max_min_ratio.view(1),
                                            entropy.new_full((1,), dropped)])
         return y_NO.view(B, T, self.d_out), balance
 
@@ -312,18 +314,19 @@ def moe_layers(model: nn.Module) -> list[MoEProjection]:
     return [m for m in model.modules() if isinstance(m, MoEProjection)]
 
 
-def moe_stats(model: nn.Module) -> dict[str, float]:
-    """Routing statistics of the last forward (local tokens), one host transfer for all layers."""
+def moe_stats(model: nn.Module) -> dict[str, list]:
+    """Routing statistics of the last forward (local tokens), one host transfer for all layers:
+    {"expert_load": [[fraction of tokens per expert] per layer], "router_entropy": [per layer],
+    "max_min_load_ratio": [per layer], "dropped_frac": [per layer, only where a capacity is set]};
+    {} for a model without MoE."""
     layers = [m for m in moe_layers(model) if m.last_stats_S is not None]
     if not layers:
         return {}
-    values = torch.stack([m.last_stats_S for m in layers]).tolist()
-    stats: dict[str, float] = {}
-    for k, (layer, row) in enumerate(zip(layers, values)):
-        for e in range(layer.num_experts):
-            stats[f"moe/layer{k}/load_e{e}"] = row[e]
-        stats[f"moe/layer{k}/router_entropy"] = row[-2]
-        stats[f"moe/layer{k}/dropped_frac"] = row[-1]
+    rows = torch.stack([m.last_stats_S for m in layers]).tolist()
+    stats = {"expert_load": [row[:-3] for row in rows], "router_entropy": [row[-3] for row in rows],
+             "max_min_load_ratio": [row[-2] for row in rows]}
+    if any(m.capacity_factor is not None for m in layers):  # otherwise it is 0 by construction
+        stats["dropped_frac"] = [row[-1] for row in rows]
     return stats
 
 
