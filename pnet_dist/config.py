@@ -44,7 +44,7 @@ class DataConfig:
     image_size: int = 224
     crop_pct: float = 0.875
     randaugment_ops: int = 2                   # 0 = off
-    randaugment_magnitude: float = 9.0
+    randaugment_magnitude: int = 9             # bin in [0, 30]
     hflip: float = 0.5
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -54,6 +54,8 @@ class DataConfig:
     shuffle_seed: int = 42
     num_canonical_nodes: Optional[int] = None
     cache_dir: Optional[str] = None
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"   # JPEG decode: loader workers (cpu) or the GPU (cuda);
+                                                             # auto: cuda where the rank trains on a GPU
 
 
 @dataclass
@@ -344,6 +346,9 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
     for key, value in (("data.hflip", cfg.data.hflip), ("data.label_smoothing", cfg.data.label_smoothing)):
         if not 0.0 <= value <= 1.0:
             fail(key, f"must be in [0, 1], got {value}")
+    if not 0 <= cfg.data.randaugment_magnitude <= 30:
+        fail("data.randaugment_magnitude", f"must be a magnitude bin in [0, 30] (9 is the usual), "
+             f"got {cfg.data.randaugment_magnitude}")
     if not 0.0 < cfg.data.crop_pct <= 1.0:
         fail("data.crop_pct", f"must be in (0, 1], got {cfg.data.crop_pct}")
 
