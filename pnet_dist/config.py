@@ -45,7 +45,7 @@ class DataConfig:
     image_size: int = 224
     crop_pct: float = 0.875
     randaugment_ops: int = 2                   # 0 = off
-    randaugment_magnitude: float = 9.0
+    randaugment_magnitude: int = 9             # bin in [0, 30]
     hflip: float = 0.5
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -55,6 +55,8 @@ class DataConfig:
     shuffle_seed: int = 42
     num_canonical_nodes: Optional[int] = None
     cache_dir: Optional[str] = None
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"   # JPEG decode: loader workers (cpu) or the GPU (cuda);
+                                                             # auto: cuda where the rank trains on a GPU
 
 
 @dataclass
@@ -360,6 +362,9 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
             fail(key, f"must be in [0, 1], got {value}")
     if cfg.scaling.max_failures < -1:
         fail("scaling.max_failures", f"must be >= 0, or -1 to restart without limit, got {cfg.scaling.max_failures}")
+    if not 0 <= cfg.data.randaugment_magnitude <= 30:
+        fail("data.randaugment_magnitude", f"must be a magnitude bin in [0, 30] (9 is the usual), "
+             f"got {cfg.data.randaugment_magnitude}")
     if not 0.0 < cfg.data.crop_pct <= 1.0:
         fail("data.crop_pct", f"must be in (0, 1], got {cfg.data.crop_pct}")
     if cfg.data.format == "ffcv":

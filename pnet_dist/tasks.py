@@ -5,9 +5,11 @@ the model (filling num_classes / vocab_size from the dataset, the MoE aux coeffi
 the loaders, the training loss of one micro-batch, the sums an eval batch contributes, the
 summary of those sums, and the counted training FLOPs per sample (for MFU).
 
-  ImageClassificationTask: mixup/cutmix + label smoothing as soft targets from
-      pnet_dist.data.mixup_cutmix (its generator is seeded by the loop per micro-batch, see
-      train.micro_batch_seed), soft-target cross-entropy; eval loss, top-1, top-5.
+  ImageClassificationTask: the device part of the image pipeline (pnet_dist.data.device_pipeline:
+      decode where data.decode_device says, RandAugment, normalization), mixup/cutmix + label
+      smoothing as soft targets from pnet_dist.data.mixup_cutmix (its generator is seeded by the
+      loop per micro-batch, see train.micro_batch_seed), soft-target cross-entropy; eval loss,
+      top-1, top-5.
       FLOPs: counted MACs (pnet_dist.models.counting) x 2 x 3 (forward + backward).
   CausalLMTask: next-token cross-entropy + the model's MoE aux loss (already scaled by
       train.moe_aux_coef, passed to the model as aux_loss_coef); eval loss and perplexity.
@@ -93,6 +95,12 @@ class ImageClassificationTask(_Task):
 
     eval_keys = ("loss_sum", "top1", "top5", "count")
 
+    def __init__(self, cfg: JobConfig):
+        super().__init__(cfg)
+        from pnet_dist.data.device_pipeline import DeviceImagePipeline
+        self.pixels = DeviceImagePipeline(self.device, image_size=cfg.data.image_size, crop_pct=cfg.data.crop_pct,
+                                          randaugment_magnitude=cfg.data.randaugment_magnitude)
+
     def build_model(self) -> nn.Module:
         kwargs = build_model_kwargs(self.cfg, self._dataset_info())
         self.model_kwargs = kwargs  # recorded in the checkpoint manifest, for the export tool
@@ -116,6 +124,7 @@ class ImageClassificationTask(_Task):
                     shuffle=data.shuffle and train, cache_dir=data.cache_dir)
         else:
             from pnet_dist.data import build_image_loader
+            decode_on_device = self._decode_on_device()
 
             def make(uri: str, train: bool, batch_size: int):
                 return build_image_loader(
@@ -123,13 +132,22 @@ class ImageClassificationTask(_Task):
                     num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct,
                     randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
                     hflip=data.hflip, num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train,
-                    cache_dir=data.cache_dir)
+                    cache_dir=data.cache_dir, decode_on_device=decode_on_device)
         eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
         return make(data.train_uri, True, data.batch_size), eval_loader
 
+    def _decode_on_device(self) -> bool:
+        """data.decode_device: cpu = loader workers decode; cuda = this rank's GPU (nvJPEG); auto = the GPU
+        where the rank trains on one."""
+        wanted = self.cfg.data.decode_device
+        if wanted == "cuda" and self.device.type != "cuda":
+            raise ValueError(f"data.decode_device=cuda but this rank trains on {self.device.type} (no CUDA device "
+                             f"visible); set data.decode_device to cpu or auto")
+        return wanted == "cuda" or (wanted == "auto" and self.device.type == "cuda")
+
     def train_loss(self, model, batch, *, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch; `seed` drives its mixup/cutmix (see train.micro_batch_seed)."""
-        images, labels = batch
+        images, labels = self.pixels(batch, train=True)
         data = self.cfg.data
         if data.mixup_alpha > 0 or data.cutmix_alpha > 0 or data.label_smoothing > 0:
             from pnet_dist.data import mixup_cutmix
@@ -139,19 +157,21 @@ class ImageClassificationTask(_Task):
                                            generator=generator)
         else:
             targets = F.one_hot(labels, self.num_classes).float()
-        logits = model(images.to(self.device, input_dtype(model), non_blocking=True))
-        loss = soft_target_cross_entropy(logits, targets.to(self.device, non_blocking=True))
+        logits = model(images.to(input_dtype(model)))
+        loss = soft_target_cross_entropy(logits, targets)
         return loss, {}
 
     @torch.no_grad()
     def eval_sums(self, model, batch) -> list[float]:
-        images, labels = batch
-        labels = labels.to(self.device)
-        logits = model(images.to(self.device, input_dtype(model))).float()
+        images, labels = self.pixels(batch, train=False)
+        logits = model(images.to(input_dtype(model))).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct = top5 == labels[:, None]
         return [F.cross_entropy(logits, labels, reduction="sum").item(), correct[:, 0].sum().item(),
                 correct.any(dim=-1).sum().item(), labels.numel()]
+
+    def count(self, batch) -> tuple[int, int]:
+        return batch[1].shape[0], 0          # the labels: the images may be a list of JPEG bytes
 
     @staticmethod
     def eval_summary(sums: dict[str, float]) -> dict[str, float]:

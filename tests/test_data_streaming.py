@@ -47,8 +47,9 @@ def _rank_main(rank: int, world: int, port: int, env: dict, plan: dict, out_path
     if plan.get("state"):
         loader.load_state_dict(plan["state"])
     record, saved = [], None
-    for i, (images, labels) in enumerate(loader):
-        record.append([labels.tolist(), hashlib.sha1(images.numpy().tobytes()).hexdigest()])
+    for i, (images, labels, randaugment_ops) in enumerate(loader):
+        digest = hashlib.sha1(images.numpy().tobytes() + randaugment_ops.numpy().tobytes()).hexdigest()
+        record.append([labels.tolist(), digest])
         if i + 1 == plan.get("save_after"):
             saved = loader.state_dict()
         if plan.get("signal_after") and i + 1 == plan["signal_after"]:

@@ -29,6 +29,16 @@ def _jpeg(seed: int, size=(40, 30), mode="RGB", fmt="JPEG") -> bytes:
     return out.getvalue()
 
 
+def _photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A crop of one of scikit-learn's two photos (real image statistics), resized to width x height."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photo = load_sample_images().images[seed % 2]
+    out = io.BytesIO()
+    Image.fromarray(photo).resize((width, height), Image.BICUBIC).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def test_import_is_light():
     code = "import sys, pnet_dist.data; print(any(m in sys.modules for m in ('streaming', 'boto3', 'ffcv')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
@@ -39,34 +49,42 @@ def test_train_transform_is_a_function_of_seed_epoch_sample():
     from pnet_dist.data.augment import TrainTransform, sample_rng
     transform = TrainTransform(24, hflip=0.5, randaugment_ops=2, randaugment_magnitude=9)
     jpeg = _jpeg(0)
-    a = transform(jpeg, sample_rng(1, 0, 5))
-    b = transform(jpeg, sample_rng(1, 0, 5))
-    assert a.shape == (3, 24, 24) and a.dtype == torch.uint8
-    assert torch.equal(a, b)
+    a, ops_a = transform(jpeg, sample_rng(1, 0, 5))
+    b, ops_b = transform(jpeg, sample_rng(1, 0, 5))
+    assert a.shape == (3, 24, 24) and a.dtype == torch.uint8 and ops_a.shape == (2, 2)
+    assert torch.equal(a, b) and torch.equal(ops_a, ops_b)
     others = [transform(jpeg, sample_rng(1, e, s)) for e, s in ((1, 5), (0, 6))]
-    assert all(not torch.equal(a, o) for o in others)
+    assert all(not (torch.equal(a, o) and torch.equal(ops_a, o_ops)) for o, o_ops in others)
 
 
-def test_randaugment_runs_every_op():
-    from PIL import Image
-    from pnet_dist.data.augment import _OPS, _apply_op, _magnitudes, rand_augment, sample_rng
-    img = Image.open(io.BytesIO(_jpeg(1))).convert("RGB")
-    space = _magnitudes(img.height, img.width)
-    changed = 0
-    for op in _OPS:
-        values, _ = space[op]
-        out = _apply_op(img, op, float(values[9]) if values.size > 1 else 0.0)
-        assert out.size == img.size and out.mode == "RGB", op
-        changed += out.tobytes() != img.tobytes()
-    assert changed >= len(_OPS) - 2          # Identity, and maybe AutoContrast on a full-range image
-    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    out = rand_augment(tensor, sample_rng(0, 0, 0), 2, 9)
-    assert out.shape == tensor.shape and out.dtype == torch.uint8
+def test_decode_is_dct_scaled_to_what_the_crop_needs():
+    from pnet_dist.data.augment import TrainTransform, decode_jpeg_rgb, jpeg_size, random_resized_crop_box, sample_rng
+    import torchvision.transforms.v2.functional as TF
+    jpeg = _photo_jpeg(800, 600)
+    assert jpeg_size(jpeg) == (600, 800)
+    assert decode_jpeg_rgb(jpeg, min_height=140, min_width=180).shape == (3, 150, 200)   # 1/4
+    assert decode_jpeg_rgb(jpeg, min_height=500).shape == (3, 600, 800)                  # 7/8 is not used
+    transform = TrainTransform(64, randaugment_ops=0, min_crop_scale=0.5)
+    full_decode = decode_jpeg_rgb(jpeg)
+    diffs, references = [], []
+    for sample in range(8):
+        image, _ = transform(jpeg, sample_rng(0, 0, sample))
+        rng = sample_rng(0, 0, sample)
+        top, left, h, w = random_resized_crop_box(600, 800, rng, (0.5, 1.0))
+        reference = TF.resized_crop(full_decode, top, left, h, w, [64, 64], antialias=True)
+        if rng.random() < 0.5:
+            reference = TF.horizontal_flip(reference)
+        diffs.append((image.float() - reference.float()).abs().mean().item())
+        references.append(reference)
+    # The same crop of the same photo, once from a scaled decode (its box rounded to the scaled pixel
+    # grid): a few levels apart; two different crops of the photo are tens of levels apart.
+    others = [(a.float() - b.float()).abs().mean().item() for a, b in zip(references, references[1:])]
+    assert max(diffs) < 8.0 < min(others), (diffs, others)
 
 
 def test_eval_transform_and_normalize():
     from pnet_dist.data.augment import EvalTransform, normalize_batch
-    img = EvalTransform(16, crop_pct=0.875)(_jpeg(2, size=(50, 20)))
+    (img,) = EvalTransform(16, crop_pct=0.875)(_jpeg(2, size=(50, 20)))
     assert img.shape == (3, 16, 16)
     x = normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
@@ -74,7 +92,10 @@ def test_eval_transform_and_normalize():
 
 def test_gray_jpeg_decodes_as_rgb():
     from pnet_dist.data.augment import decode_jpeg_rgb
+    from pnet_dist.data.device_pipeline import decode_jpegs
     assert decode_jpeg_rgb(_jpeg(3, mode="L")).shape == (3, 30, 40)
+    encoded = torch.frombuffer(bytearray(_jpeg(3, mode="L")), dtype=torch.uint8)
+    assert decode_jpegs([encoded], torch.device("cpu"))[0].shape == (3, 30, 40)
 
 
 @pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0), (0.0, 0.0)])

@@ -145,7 +145,7 @@ def s3_overrides(workdir: Path, family: str) -> list[str]:
               "data.num_workers=0", "data.num_canonical_nodes=1", "train.max_steps=8", "checkpoint.every_steps=2",
               "deepspeed.zero_stage=2", "metrics.sync_every_s=0"]
     if family == "images":
-        return common + ["data.randaugment_ops=0", "data.batch_size=8"]
+        return common + ["data.randaugment_ops=2", "data.batch_size=8"]
     return common + ["model.name=llama_debug", "data.seq_len=32", "data.batch_size=4", "deepspeed.grad_accum_steps=1"]
 
 

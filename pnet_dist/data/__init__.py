@@ -1,9 +1,11 @@
-"""Data: MDS shard converters, streaming image/text loaders with exact resume, mixup/cutmix, ffcv path.
+"""Data: MDS shard converters, streaming image/text loaders with exact resume, the image pipeline's
+batched device part (RandAugment, normalization, nvJPEG decode), mixup/cutmix, ffcv path.
 
 The public names are imported lazily so that `import pnet_dist.data` stays cheap: mosaicml-streaming
 (and the transformers import it drags in) loads only when a loader is built.
 
-    build_image_loader(uri, *, train, batch_size, image_size, ...)  -> loader of (images_BCHW, labels_B)
+    build_image_loader(uri, *, train, batch_size, image_size, ...)  -> loader of (uint8 images, labels_B, ...);
+                                                                       device_pipeline turns them into model input
     build_text_loader(uri, *, batch_size, seq_len, ...)             -> loader of (input_ids_BT, labels_BT)
     mixup_cutmix(images, labels, num_classes, *, ..., generator)    -> (images, soft_targets_BK)
     dataset_info(uri)                                               -> dict from <uri>/dataset.json

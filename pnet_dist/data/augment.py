@@ -1,23 +1,22 @@
-"""Image decode and augmentation: the per-sample train/eval transforms and batch-level mixup/cutmix.
+"""Image decode and per-sample augmentation in loader workers; normalization and mixup/cutmix of batches.
+
+The pipeline is split where the batch forms. Loader workers do only what must be done per image:
+decode (at 1/2, 1/4 or 1/8 scale through libjpeg's DCT scaling where the crop allows), the
+RandomResizedCrop, the flip, and the sample's RandAugment draw (a few ints); images stay uint8 (4x
+fewer bytes through shared memory and to the GPU). RandAugment (pnet_dist.data.randaugment),
+normalization (`normalize_batch`) and mixup/cutmix run on the whole batch on the training device
+(pnet_dist.data.device_pipeline).
 
 Everything random here draws from an explicit generator, never from a global or per-worker RNG:
-per-sample transforms from `sample_rng(seed, epoch, sample_id)` (numpy), batch mixing from a
-torch.Generator the engine seeds per step. A resumed run therefore sees bit-identical batches,
+per-sample choices from `sample_rng(seed, epoch, sample_id)` (numpy), batch mixing from a
+torch.Generator the engine seeds per micro-batch. A resumed run therefore sees bit-identical batches,
 whatever the number of loader workers.
 
-Decoding uses simplejpeg (libjpeg-turbo; the fastest decoder that installs here: ~1.2x
-torchvision.io.decode_jpeg, ~1.4x PIL, measured by tools/bench_loader.py), then
-transforms.v2.functional on uint8 CHW tensors. Samples stay uint8 until the batch is
-formed; `normalize_batch` turns a uint8 BCHW batch into float32 in the main process, so workers
-ship 4x fewer bytes through shared memory.
-
-RandAugment follows torchvision's definition (14 ops, 31 magnitude bins, signed magnitudes with
-probability 1/2, nearest-neighbour geometry) with fill = the ImageNet mean as timm does; its ops run
-on a PIL image (one conversion each way), where torchvision's kernels are fastest on uint8.
+Decoding uses simplejpeg (libjpeg-turbo: ~1.2x torchvision.io.decode_jpeg, ~1.4x PIL, measured by
+tools/bench_loader.py), then transforms.v2.functional on uint8 CHW tensors.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -26,10 +25,10 @@ import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from pnet_dist.data.randaugment import check_magnitude, draw_ops
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_FILL = [round(255 * m) for m in IMAGENET_MEAN]
-_NUM_MAGNITUDE_BINS = 31
 
 
 def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
@@ -37,9 +36,20 @@ def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, sample_id])
 
 
-def decode_jpeg_rgb(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 tensor (3, H, W) (a channels-last view). Grayscale JPEGs come out as RGB."""
-    return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the JPEG header, without decoding."""
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    return height, width
+
+
+def decode_jpeg_rgb(data: bytes, min_height: int = 0, min_width: int = 0) -> torch.Tensor:
+    """JPEG bytes -> uint8 tensor (3, H, W) (a channels-last view). Grayscale JPEGs come out as RGB.
+
+    With min_height / min_width the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain when the
+    result stays at least that large (factors between 1/2 and 1 decode slower than full size with
+    libjpeg-turbo, so they are not used)."""
+    return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height,
+                                                   min_width=min_width, min_factor=2.0)).permute(2, 0, 1)
 
 
 # -- geometry --------------------------------------------------------------------------------------
@@ -69,85 +79,15 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# -- RandAugment -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _magnitudes(height: int, width: int) -> dict[str, tuple[np.ndarray, bool]]:
-    """torchvision's RandAugment augmentation space: op -> (magnitude per bin, signed)."""
-    bins = _NUM_MAGNITUDE_BINS
-    return {
-        "Identity": (np.zeros(1), False),
-        "ShearX": (np.linspace(0.0, 0.3, bins), True),
-        "ShearY": (np.linspace(0.0, 0.3, bins), True),
-        "TranslateX": (np.linspace(0.0, 150.0 / 331.0 * width, bins), True),
-        "TranslateY": (np.linspace(0.0, 150.0 / 331.0 * height, bins), True),
-        "Rotate": (np.linspace(0.0, 30.0, bins), True),
-        "Brightness": (np.linspace(0.0, 0.9, bins), True),
-        "Color": (np.linspace(0.0, 0.9, bins), True),
-        "Contrast": (np.linspace(0.0, 0.9, bins), True),
-        "Sharpness": (np.linspace(0.0, 0.9, bins), True),
-        "Posterize": (8 - (np.arange(bins) / ((bins - 1) / 4)).round().astype(int), False),
-        "Solarize": (np.linspace(255.0, 0.0, bins), False),
-        "AutoContrast": (np.zeros(1), False),
-        "Equalize": (np.zeros(1), False),
-    }
-
-
-_OPS = list(_magnitudes(1, 1))
-
-
-def _apply_op(img, op: str, magnitude: float):
-    """One RandAugment op on a PIL image, through torchvision's PIL kernels (on uint8 they are 1-10x
-    faster than its tensor kernels, which run affine and sharpness in float)."""
-    if op == "Identity":
-        return img
-    if op in ("ShearX", "ShearY"):
-        shear = math.degrees(math.atan(magnitude))
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, fill=_FILL, center=[0, 0],
-                         shear=[shear, 0.0] if op == "ShearX" else [0.0, shear])
-    if op in ("TranslateX", "TranslateY"):
-        return TF.affine(img, angle=0.0, translate=[int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)],
-                         scale=1.0, shear=[0.0, 0.0], fill=_FILL)
-    if op == "Rotate":
-        return TF.affine(img, angle=magnitude, translate=[0, 0], scale=1.0, shear=[0.0, 0.0], fill=_FILL)
-    if op == "Brightness":
-        return TF.adjust_brightness(img, 1.0 + magnitude)
-    if op == "Color":
-        return TF.adjust_saturation(img, 1.0 + magnitude)
-    if op == "Contrast":
-        return TF.adjust_contrast(img, 1.0 + magnitude)
-    if op == "Sharpness":
-        return TF.adjust_sharpness(img, 1.0 + magnitude)
-    if op == "Posterize":
-        return TF.posterize(img, int(magnitude))
-    if op == "Solarize":
-        return TF.solarize(img, float(magnitude))
-    if op == "AutoContrast":
-        return TF.autocontrast(img)
-    if op == "Equalize":
-        return TF.equalize(img)
-    raise AssertionError(op)
-
-
-def rand_augment(img: torch.Tensor, rng: np.random.Generator, num_ops: int, magnitude: int) -> torch.Tensor:
-    """RandAugment on a uint8 (3, H, W) tensor with ops, signs drawn from rng (applied in PIL)."""
-    from PIL import Image
-
-    space = _magnitudes(img.shape[-2], img.shape[-1])
-    pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
-    for _ in range(num_ops):
-        op = _OPS[int(rng.integers(len(_OPS)))]
-        values, signed = space[op]
-        value = float(values[magnitude]) if values.size > 1 else 0.0
-        if signed and rng.random() < 0.5:
-            value = -value
-        pil = _apply_op(pil, op, value)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
-
-
-# -- per-sample pipelines --------------------------------------------------------------------------
+# -- per-sample worker transforms -----------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainTransform:
-    """decode -> RandomResizedCrop -> flip -> RandAugment, all on uint8; randomness from rng."""
+    """decode (DCT-scaled to what the crop needs) -> RandomResizedCrop -> flip, on uint8, plus the
+    sample's RandAugment draw, which `BatchRandAugment` applies on the training device.
+
+    Returns (image uint8 (3, S, S), RandAugment ops int64 (randaugment_ops, 2)); randomness from rng,
+    drawn in the same order as always: crop box, flip, then the ops.
+    """
     image_size: int
     hflip: float = 0.5
     randaugment_ops: int = 2
@@ -155,40 +95,85 @@ class TrainTransform:
     min_crop_scale: float = 0.08
 
     def __post_init__(self):
-        if not 0 <= self.randaugment_magnitude < _NUM_MAGNITUDE_BINS:
-            raise ValueError(f"randaugment_magnitude must be in [0, {_NUM_MAGNITUDE_BINS - 1}], "
-                             f"got {self.randaugment_magnitude}")
+        check_magnitude(self.randaugment_magnitude)
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
 
-    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
-        img = decode_jpeg_rgb(jpeg)
-        top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], rng, (self.min_crop_scale, 1.0))
-        img = TF.resized_crop(img, top, left, h, w, [self.image_size, self.image_size], antialias=True)
-        if rng.random() < self.hflip:
+    def plan(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The sample's random choices, which need only its size: crop plan int64 [top, left, h, w,
+        flip] in full-size pixels, and the RandAugment ops."""
+        top, left, h, w = random_resized_crop_box(height, width, rng, (self.min_crop_scale, 1.0))
+        flip = rng.random() < self.hflip
+        return np.array([top, left, h, w, flip], dtype=np.int64), draw_ops(rng, self.randaugment_ops)
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = jpeg_size(jpeg)
+        crop, ops = self.plan(height, width, rng)
+        top, left, h, w, flip = crop.tolist()
+        size = self.image_size
+        # Decode at 1/2, 1/4 or 1/8 scale while the crop stays >= the output size: the resize after it
+        # stays a downscale, and the decoder skips most of the inverse DCT and colour conversion.
+        img = decode_jpeg_rgb(jpeg, min_height=-(-size * height // h), min_width=-(-size * width // w))
+        scale_y, scale_x = img.shape[-2] / height, img.shape[-1] / width
+        if scale_y != 1.0 or scale_x != 1.0:
+            top, h = round(top * scale_y), max(1, round(h * scale_y))
+            left, w = round(left * scale_x), max(1, round(w * scale_x))
+        img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+        if flip:
             img = TF.horizontal_flip(img)
-        if self.randaugment_ops:
-            img = rand_augment(img, rng, self.randaugment_ops, self.randaugment_magnitude)
-        return img
+        return img, torch.from_numpy(ops)
 
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """decode -> resize the short side to image_size / crop_pct -> center crop image_size."""
+    """decode (DCT-scaled where the resize allows) -> resize the short side to image_size / crop_pct
+    -> center crop image_size. Returns (image uint8 (3, S, S),)."""
     image_size: int
     crop_pct: float = 0.875
 
-    def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> torch.Tensor:
-        img = decode_jpeg_rgb(jpeg)
-        resize_to = int(math.floor(self.image_size / self.crop_pct))
-        img = TF.resize(img, [resize_to], antialias=True)
+    def resize_to(self) -> int:
+        return int(math.floor(self.image_size / self.crop_pct))
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> tuple[torch.Tensor]:
+        height, width = jpeg_size(jpeg)
+        resize_to = self.resize_to()
+        img = decode_jpeg_rgb(jpeg, min_height=resize_to if height <= width else 0,
+                              min_width=resize_to if width < height else 0)
+        return (self.finish(img),)
+
+    def finish(self, img: torch.Tensor) -> torch.Tensor:
+        img = TF.resize(img, [self.resize_to()], antialias=True)
         return TF.center_crop(img, [self.image_size, self.image_size])
+
+
+def _encoded(jpeg: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class EncodedTrainTransform:
+    """For decoding on the training device: the JPEG bytes as stored, with the sample's crop plan and
+    RandAugment ops drawn exactly as `TrainTransform` draws them. Returns (bytes uint8 (n,), plan, ops)."""
+    train: TrainTransform
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        crop, ops = self.train.plan(*jpeg_size(jpeg), rng)
+        return _encoded(jpeg), torch.from_numpy(crop), torch.from_numpy(ops)
+
+
+@dataclass(frozen=True)
+class EncodedEvalTransform:
+    """For decoding on the training device: the JPEG bytes as stored (their header checked). Returns (bytes,)."""
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator | None = None) -> tuple[torch.Tensor]:
+        jpeg_size(jpeg)
+        return (_encoded(jpeg),)
 
 
 def normalize_batch(images_BCHW: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 BCHW -> float32 BCHW normalized with the ImageNet mean and std."""
-    inv_std_C = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-    bias_C = -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 * inv_std_C
+    inv_std_C = 1.0 / (torch.tensor(std, dtype=torch.float32, device=images_BCHW.device).view(1, -1, 1, 1) * 255.0)
+    bias_C = -torch.tensor(mean, dtype=torch.float32, device=images_BCHW.device).view(1, -1, 1, 1) * 255.0 * inv_std_C
     # In place: ~10x faster on CPU than (x - mean) / std with fresh broadcast outputs.
     return images_BCHW.float().mul_(inv_std_C).add_(bias_C)
 
@@ -208,7 +193,7 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}); got [{int(labels.min())}, {int(labels.max())}]")
     off = label_smoothing / num_classes
-    targets_BK = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32)
+    targets_BK = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
     targets_BK.scatter_(1, labels.view(-1, 1), 1.0 - label_smoothing + off)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, targets_BK

@@ -57,7 +57,8 @@ class ShardCheckMixin:
 
 
 class ImageShardDataset(ShardCheckMixin, StreamingDataset):
-    """Yields (uint8 CHW tensor, label) with the transform's randomness drawn from (seed, epoch, sample id)."""
+    """Yields (image, label, *extras) -- the transform's (image, *extras) with the label put second --
+    with the transform's randomness drawn from (seed, epoch, sample id)."""
 
     def __init__(self, *, transform, aug_seed: int, **kwargs):
         super().__init__(**kwargs)
@@ -68,11 +69,11 @@ class ImageShardDataset(ShardCheckMixin, StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = self.checked_item(sample_id)
         try:
-            image = self.transform(sample["jpeg"], sample_rng(self.aug_seed, self.current_epoch, sample_id))
-        except RuntimeError as exc:
+            image, *extras = self.transform(sample["jpeg"], sample_rng(self.aug_seed, self.current_epoch, sample_id))
+        except (RuntimeError, ValueError) as exc:
             raise ValueError(f"sample {sample_id} ({sample['name']}) in {self.shard_path(sample_id)} does not "
                              f"decode as JPEG: {exc}. The shard is damaged; re-convert it.") from exc
-        return image, sample["label"]
+        return image, sample["label"], *extras
 
 
 class TokenShardDataset(ShardCheckMixin, StreamingDataset):

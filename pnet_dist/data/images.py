@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pnet_dist.data.augment import EvalTransform, TrainTransform, normalize_batch
+from pnet_dist.data.augment import EncodedEvalTransform, EncodedTrainTransform, EvalTransform, TrainTransform
 from pnet_dist.data.shards import (SHARD_SIZE_LIMIT, ConversionSummary, PartResult, ShardLoader, count_progress,
                                    dataset_info, streaming_kwargs, write_parts)
 from pnet_dist.log import get_logger
@@ -339,24 +339,25 @@ def write_image_items(items: ImageItems, out_uri: str, *, images_per_part: int =
 
 # -- reading -------------------------------------------------------------------------------------------
 def _collate_images(samples):
-    images, labels = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-def _finalize_images(batch):
-    images_BCHW, labels_B = batch
-    return normalize_batch(images_BCHW), labels_B
+    """(image, label, *extras) samples -> (images, labels, *extras) with each field stacked; JPEG byte
+    tensors (1-D, decode on the device) differ in length and stay a list."""
+    images, labels, *extras = zip(*samples)
+    return (list(images) if images[0].dim() == 1 else torch.stack(images), torch.tensor(labels, dtype=torch.int64),
+            *(torch.stack(field) for field in extras))
 
 
 def build_image_loader(uri: str, *, train: bool, batch_size: int, image_size: int = 224, num_workers: int = 1,
                        seed: int = 42, crop_pct: float = 0.875, randaugment_ops: int = 2,
                        randaugment_magnitude: int = 9, hflip: float = 0.5, num_canonical_nodes: int | None = None,
                        shuffle: bool | None = None, cache_dir: str | None = None,
-                       min_crop_scale: float = 0.08) -> ShardLoader:
-    """Loader over image shards yielding (float32 normalized BCHW, int64 labels); see shards.ShardLoader.
+                       min_crop_scale: float = 0.08, decode_on_device: bool = False) -> ShardLoader:
+    """Loader over image shards; see shards.ShardLoader and, for what it yields, device_pipeline.
 
-    train: RandomResizedCrop(min_crop_scale..1) + flip + RandAugment, drop_last, shuffled by default.
+    train: RandomResizedCrop(min_crop_scale..1) + flip in the workers, plus each sample's RandAugment
+    draw (applied batched on the device); drop_last, shuffled by default.
     eval: resize to image_size / crop_pct + center crop, every batch kept, not shuffled by default.
+    decode_on_device: workers only read the header and draw the sample's choices; they yield the
+    JPEG bytes, which pnet_dist.data.device_pipeline decodes (nvJPEG on a GPU) and crops.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -365,8 +366,11 @@ def build_image_loader(uri: str, *, train: bool, batch_size: int, image_size: in
         raise ValueError(f"{uri} holds a {info.get('kind')!r} dataset, not images")
     if "ffcv_beton" in info:
         raise ValueError(f"{uri} holds an ffcv dataset, not image shards: set data.format=ffcv to read it")
-    transform = (TrainTransform(image_size, hflip, randaugment_ops, randaugment_magnitude, min_crop_scale) if train
-                 else EvalTransform(image_size, crop_pct))
+    if train:
+        transform = TrainTransform(image_size, hflip, randaugment_ops, randaugment_magnitude, min_crop_scale)
+        transform = EncodedTrainTransform(transform) if decode_on_device else transform
+    else:
+        transform = EncodedEvalTransform() if decode_on_device else EvalTransform(image_size, crop_pct)
     shuffle = train if shuffle is None else shuffle
     from pnet_dist.data.datasets import ImageShardDataset
 
@@ -375,7 +379,7 @@ def build_image_loader(uri: str, *, train: bool, batch_size: int, image_size: in
         **streaming_kwargs(uri, batch_size=batch_size, shuffle=shuffle, seed=seed,
                            num_canonical_nodes=num_canonical_nodes, cache_dir=cache_dir))
     return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
-                       collate_fn=_collate_images, finalize=_finalize_images)
+                       collate_fn=_collate_images)
 
 
 def read_class_index(uri: str) -> dict[str, int]:

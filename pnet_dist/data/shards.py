@@ -351,12 +351,12 @@ def shuffle_block_size(num_canonical_nodes: int) -> int:
 class ShardLoader:
     """A StreamingDataLoader that yields the same number of batches on every rank, with exact resume.
 
-    One `iter()` is one epoch (or the rest of it after `load_state_dict`). `finalize` turns the
-    collated worker batch into what the training loop gets (e.g. uint8 -> normalized float).
+    One `iter()` is one epoch (or the rest of it after `load_state_dict`). `finalize`, if given, turns
+    the collated worker batch into what the training loop gets.
     """
 
     def __init__(self, dataset, *, batch_size: int, num_workers: int, drop_last: bool,
-                 collate_fn: Callable, finalize: Callable):
+                 collate_fn: Callable, finalize: Callable | None = None):
         from streaming import StreamingDataLoader
 
         self.dataset = dataset
@@ -412,7 +412,7 @@ class ShardLoader:
                 batch = next(batches)
                 self._batches_yielded += 1
                 self._epoch_done = self._batches_yielded == num_batches
-                yield self.finalize(batch)
+                yield self.finalize(batch) if self.finalize is not None else batch
         finally:
             del batches
 
