@@ -145,6 +145,7 @@ def decoder_rows(blobs: list[bytes]) -> list[tuple[str, float]]:
 
 def dali_cpu_rate(blobs: list[bytes], batch_size: int = 32) -> float:
     """DALI's CPU-only decode + random crop + resize(224) + flip, one thread, per CPU second."""
+    import numpy as np
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError:
@@ -193,6 +194,7 @@ def steady_rate(loader, epochs: int) -> float:
 
 def batched_part_rate(loader, batches: int, num_classes: int = 10) -> float:
     """RandAugment 2/9 + normalize + mixup/cutmix on this CPU, per image, over `batches` loader batches."""
+    import torch
     from pnet_dist.data.augment import mixup_cutmix
     from pnet_dist.data.device_pipeline import DeviceImagePipeline
     pipeline = DeviceImagePipeline(torch.device("cpu"), image_size=224, crop_pct=0.875, randaugment_magnitude=9)
@@ -208,6 +210,8 @@ def batched_part_rate(loader, batches: int, num_classes: int = 10) -> float:
 
 def gpu_rows(uri: str, blobs: list[bytes], args) -> list[tuple[str, str, float, str]]:
     """Wall-clock images/s on one GPU: GPU decode path vs the CPU path on --workers cores, and DALI."""
+    import numpy as np
+    import torch
     from pnet_dist.data import build_image_loader
     from pnet_dist.data.device_pipeline import DeviceImagePipeline
     device = torch.device("cuda")
@@ -276,13 +280,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.dry_run:
         args.images, args.epochs, args.batch_size = 24, 1, 8
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
     load_at_start = os.getloadavg()[0]
     started = time.perf_counter()
 
     import numpy as np   # the heavy imports come after --help
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     import torchvision
     from torchvision import transforms as T
     from pnet_dist.data import build_image_loader, build_text_loader
