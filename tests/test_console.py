@@ -51,7 +51,7 @@ def test_streaming_loader_sets_what_streaming_would_log_about(tmp_path, caplog):
         loader = build_image_loader(str(tmp_path / "shards"), train=True, batch_size=2, image_size=8,
                                     num_workers=0, randaugment_ops=0, num_canonical_nodes=2)
         for _ in range(2):                                      # streaming logged it every epoch
-            assert sum(len(labels) for _, labels in loader) == 8
+            assert sum(len(batch[1]) for batch in loader) == 8
         state = loader.state_dict()
     assert not [r.getMessage() for r in caplog.records if "was not specified" in r.getMessage()]
     # streaming's own defaults (2 canonical nodes), so the sample order is the one it would pick
