@@ -155,7 +155,7 @@ class Trainer:
         self.engine = build_engine(cfg, model, world_size)
         if self.ema is not None:
             self.ema.module.to(task.device)
-        self.train_loader, self.eval_loader = task.build_loaders()
+        self.train_loader, self.eval_set = task.build_loaders()
         self._upload_logged_step: int | None = None
         store = CheckpointStore(cfg.run_uri, keep_last=cfg.checkpoint.keep_last,
                                 async_upload=cfg.checkpoint.async_upload,
@@ -207,7 +207,7 @@ class Trainer:
                 self.reload_after_nonfinite()
                 applied_since_reload = False
                 continue
-            if self.eval_loader is not None and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
+            if self.eval_set is not None and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
                 eval_results, evaluated_at = self.evaluate(), step
             if result.stop or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
                 self.save(wait_for_previous=result.stop or step == cfg.train.max_steps)
@@ -217,7 +217,7 @@ class Trainer:
                             _STOP.reason or "on another rank", step)
                 break
 
-        if not preempted and self.eval_loader is not None and evaluated_at != self.state.step:
+        if not preempted and self.eval_set is not None and evaluated_at != self.state.step:
             eval_results = self.evaluate()
         wait_started = time.perf_counter()
         self.ckpt.wait()
@@ -272,10 +272,10 @@ class Trainer:
                      values["perf/samples_per_s"], 100 * values["perf/data_wait_frac"])
 
     def evaluate(self) -> dict:
-        max_batches = self.cfg.train.eval_max_batches
-        results = {"model": evaluate(self.task, self.engine, self.eval_loader, max_batches)}
+        max_samples = self.cfg.train.eval_max_samples
+        results = {"model": evaluate(self.task, self.engine, self.eval_set, max_samples)}
         if self.ema is not None:
-            results["ema"] = evaluate(self.task, self.ema.module, self.eval_loader, max_batches)
+            results["ema"] = evaluate(self.task, self.ema.module, self.eval_set, max_samples)
         for name, metrics in results.items():
             prefix = "eval" if name == "model" else "eval_ema"
             self.writer.scalars(self.state.step, {f"{prefix}/{key}": value for key, value in metrics.items()})
@@ -358,21 +358,30 @@ class BatchStream:
         return time.perf_counter() - started, batches
 
 
-def evaluate(task, model, loader, max_batches: int | None) -> dict[str, float]:
-    """Eval metrics over the same number of batches on every rank (ZeRO-3 forwards are collective)."""
-    if max_batches is None:
-        try:
-            max_batches = len(loader)
-        except TypeError as exc:
-            raise ValueError("the eval loader has no length; set train.eval_max_batches") from exc
-    num_batches = dist.all_reduce_min(max_batches)
+def evaluate(task, model, eval_set, max_samples: int | None) -> dict[str, float]:
+    """Eval metrics over the first max_samples samples of the eval set (all if None), equal at any
+    world size: global batch b (samples [b*B, (b+1)*B)) is evaluated by rank b % world_size, and
+    the per-batch sums are added in batch order after one collective. Every rank runs the same
+    number of forwards (ZeRO-3's are collective): a rank without a batch in the last round
+    evaluates batch 0 again and drops the result."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    num_samples = eval_set.num_samples if max_samples is None else min(max_samples, eval_set.num_samples)
+    num_batches = -(-num_samples // eval_set.batch_size)
+    mine = list(range(rank, num_batches, world_size))
+    num_rounds = -(-num_batches // world_size)
+    sums_NK = torch.zeros(num_batches, len(task.eval_keys), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    sums = [0.0] * len(task.eval_keys)
-    for _, batch in zip(range(num_batches), loader):
-        sums = [a + b for a, b in zip(sums, task.eval_sums(model, batch))]
+    for round_index, batch in enumerate(eval_set.batches(mine + [0] * (num_rounds - len(mine)), num_samples)):
+        sums = task.eval_sums(model, batch)
+        if round_index < len(mine):
+            sums_NK[mine[round_index]] = torch.tensor(sums, dtype=torch.float64)
     model.train(was_training)
-    totals = dist.sum_and_average(torch.tensor(sums, dtype=torch.float64))
+    # Each row is filled on one rank and zero on the others, so the sum over ranks is exact.
+    rows = torch.tensor(dist.sum_and_average(sums_NK.reshape(-1)), dtype=torch.float64).view_as(sums_NK).tolist()
+    totals = [0.0] * len(task.eval_keys)
+    for row in rows:  # in batch order: the same additions at any world size
+        totals = [total + value for total, value in zip(totals, row)]
     return task.eval_summary(dict(zip(task.eval_keys, totals)))
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -339,6 +340,44 @@ def test_a_newer_generation_fences_out_the_older_writer(process_group, tmp_path,
         old.store.mark_damaged(1, "test")
     claims = sorted(p.name for p in (tmp_path / "fence").iterdir())
     assert claims == ["generation_00000001.json", "generation_00000002.json"]
+
+
+@pytest.mark.parametrize("mode", ["refuse", "stall"])
+def test_a_storage_outage_neither_blocks_training_nor_loses_the_checkpoint(process_group, s3_server, s3_bucket,
+                                                                            mode, pnet_logs):
+    """S3 goes away (connections reset, or black-holed) right as a checkpoint starts uploading:
+    the loop keeps stepping, periodic saves are skipped, and the checkpoint completes after."""
+    import boto3
+    from botocore.config import Config
+    from pnet_dist.faults import OutageProxy
+    proxy = OutageProxy(int(s3_server.rsplit(":", 1)[1]))
+    outage_over = threading.Timer(120, proxy.set_mode, args=("pass",))  # ends the outage should the loop block
+    try:
+        engine = build_engine()
+        ckpt = checkpointer(engine, f"{s3_bucket}/outage")
+        ckpt.store.storage._client = boto3.client("s3", endpoint_url=proxy.endpoint, config=Config(
+            connect_timeout=2, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"}))
+        ckpt.store.storage.retry = RetryPolicy(max_attempts=10_000, base_delay_s=0.1, max_delay_s=1.0, timeout_s=300)
+        ckpt.start({})
+        train(engine, 0, 1)
+        ckpt.save(1, {}, wait_for_previous=True)
+        ckpt.wait()
+        proxy.set_mode(mode)
+        outage_over.start()
+        assert ckpt.save(2, {}, wait_for_previous=False)
+        skipped = 0
+        for step in range(2, 32):  # 30 steps with the checkpoint prefix unreachable
+            train(engine, step, 1)
+            if step % 5 == 0:
+                skipped += not ckpt.save(step, {}, wait_for_previous=False)
+        assert proxy.mode == mode and ckpt.store.busy(), "the checkpoint must still be waiting for storage"
+        assert skipped == 6 and any("checkpoint step 30 skipped" in m for m in warnings_of(pnet_logs))
+        proxy.set_mode("pass")
+        ckpt.wait()
+        assert ckpt.store.latest_complete(verify="sha256") == 2
+    finally:
+        outage_over.cancel()
+        proxy.close()
 
 
 # -- damaged checkpoints: one table, a local folder and S3 ----------------------------------
