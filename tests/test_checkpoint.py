@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -312,6 +314,15 @@ def test_bad_arguments_are_value_errors(tmp_path):
         CheckpointStore(str(tmp_path), upload_timeout_s=0)
     with pytest.raises(ValueError, match="verify"):
         CheckpointStore(str(tmp_path)).latest_complete(verify="md5")
+
+
+def test_the_commit_protocol_knows_no_engine():
+    """pnet_dist.checkpoint imports neither torch nor DeepSpeed; the format side imports DeepSpeed
+    only where an engine already exists."""
+    code = ("import sys, pnet_dist.checkpoint; first = sorted(m for m in ('torch', 'deepspeed') if m in sys.modules); "
+            "import pnet_dist.engine_checkpoint; print(first, 'deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False"
 
 
 def test_staging_left_by_a_dead_process_is_removed(tmp_path):

@@ -530,9 +530,11 @@ def test_orphans_of_a_killed_launcher_are_fenced_out_and_the_new_run_is_exact(tm
                                                                      "rank_00000.done", "rank_00001.done"]}
     late = [p for p in (run_dir / "ckpt").rglob("*") if p.is_file() and p.stat().st_mtime > claim["claimed_unix"]]
     assert late and set(late) <= generation_2, sorted(set(late) - generation_2)
-    for receipt in (run_dir / "ckpt").glob("step_*/rank_*.done"):
-        if json.loads(receipt.read_text())["generation"] == 1:
-            assert receipt.parent.name <= "step_00000002", receipt
+    old_receipts = sorted(receipt.parent.name for receipt in (run_dir / "ckpt").glob("step_*/rank_*.done")
+                          if json.loads(receipt.read_text())["generation"] == 1)
+    assert all(name <= "step_00000002" for name in old_receipts), old_receipts
+    transcript.append(f"{len(late)} files under ckpt/ written after the claim, all of generation 2's checkpoints; "
+                      f"generation 1's receipts only in {sorted(set(old_receipts))}")
 
     # The new run continued exactly where the uninterrupted one went.
     assert resumed["resumed_from"] == 2 and resumed["step"] == FENCE_STEPS
