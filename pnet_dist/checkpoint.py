@@ -36,8 +36,9 @@ checkpoints for a person to inspect; a later save of the same step replaces one,
 
 Fencing (one writer per run folder): every start claims the next generation number by creating
 fence/generation_N.json exclusively (S3 conditional write If-None-Match, an exclusive link on a
-local folder). Before each write a writer checks that no generation N+1 exists; one that finds it
-stops with `Fenced` and writes nothing more -- e.g. workers orphaned when their launcher died,
+local folder). Before each write -- or group of writes issued together: a rank's file uploads,
+MANIFEST.json with COMPLETE -- a writer checks (one HEAD request) that no generation N+1 exists;
+one that finds it stops with `Fenced` and writes nothing more -- e.g. workers orphaned when their launcher died,
 still training while a new job resumed the run. Without compare-and-swap on every write, a write
 already under way when the new generation is claimed can still land (one object per rank); it
 cannot join a checkpoint of the new generation: receipts name their generation and rank 0
@@ -266,7 +267,6 @@ class CheckpointStore:
         prefix = step_prefix(step)
         deadline = time.monotonic() + self.upload_timeout_s
         started = time.monotonic()
-        self.check_fence()
         listing = self._listing(prefix)
         if COMPLETE in listing and DAMAGED not in listing:
             if rank == 0:
@@ -283,7 +283,7 @@ class CheckpointStore:
         log.info("rank %d uploaded checkpoint step %d: %.1f MB in %.2fs", rank, step, num_bytes / 1e6,
                  time.monotonic() - started)
         if rank == 0:
-            self._finalize(step, world_size, info, deadline)
+            self._finalize(step, world_size, info, receipt, listing, deadline)
         return num_bytes
 
     def _upload_files(self, src_dir: Path, files: list[str], prefix: str, deadline: float) -> dict:
@@ -296,19 +296,21 @@ class CheckpointStore:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"upload of {self.storage.uri(f'{prefix}/{rel}')} passed "
                                    f"checkpoint.upload_timeout_s={self.upload_timeout_s:g}s")
-            self.check_fence()
             return self.storage.move_file(src_dir / rel, f"{prefix}/{rel}")
 
+        self.check_fence()  # once for the batch of uploads: a request per file would cost more than the upload of small files
         with ThreadPoolExecutor(max_workers=_FILES_IN_FLIGHT) as pool:
             digests = {rel: pool.submit(upload, rel) for rel in sorted(files, key=sizes.get, reverse=True)}
             return {rel: {"size": sizes[rel], "sha256": digests[rel].result()} for rel in files}
 
-    def _finalize(self, step: int, world_size: int, info: dict, deadline: float) -> None:
-        """Rank 0's thread: every rank's receipt of this generation, then MANIFEST.json and COMPLETE."""
+    def _finalize(self, step: int, world_size: int, info: dict, own_receipt: dict, before: dict[str, int],
+                  deadline: float) -> None:
+        """Rank 0's thread: every rank's receipt of this generation, then MANIFEST.json and COMPLETE.
+        `before` lists the step folder as this save found it (what an earlier save left)."""
         prefix = step_prefix(step)
-        receipts: dict[int, dict] = {}
+        receipts: dict[int, dict] = {0: own_receipt}
         delay = 0.02
-        while True:
+        while len(receipts) < world_size:
             listing = self._listing(prefix)  # one listing a round, not a GET per missing rank
             for rank in range(world_size):
                 if rank not in receipts and receipt_name(rank) in listing:
@@ -334,14 +336,15 @@ class CheckpointStore:
                                        f"{self.storage.uri(prefix)}/{rel}")
                 files[rel] = {**meta, "rank": rank}
         keep = set(files) | {receipt_name(rank) for rank in range(world_size)}
-        stale = sorted(set(listing) - keep)
+        stale = sorted(set(before) - keep)
         if DAMAGED in stale:
             log.warning("replacing damaged checkpoint %s (%s) with a new save of the same step",
                         self.storage.uri(prefix), self._damage_reason(prefix))
         elif stale:
             log.info("removing %d files an earlier save left in %s", len(stale), self.storage.uri(prefix))
-        for rel in stale:
+        if stale:
             self.check_fence()
+        for rel in stale:
             self.storage.delete(f"{prefix}/{rel}")
         manifest = {**info, "step": step, "world_size": world_size, "generation": self.generation,
                     "created_unix": time.time(), "files": files}
@@ -351,9 +354,8 @@ class CheckpointStore:
 
     def _write_manifest(self, prefix: str, manifest: dict) -> None:
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self.check_fence()
+        self.check_fence()  # once for the pair: COMPLETE follows MANIFEST.json at once
         self.storage.put_bytes(data, f"{prefix}/{MANIFEST}")
-        self.check_fence()
         self.storage.put_bytes(hashlib.sha256(data).hexdigest().encode(), f"{prefix}/{COMPLETE}")
 
     def _prune(self) -> None:
