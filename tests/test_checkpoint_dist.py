@@ -33,7 +33,8 @@ def mlp_engine(stage: int, grad_accum: int):
     import deepspeed
     from torch import nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
+    # BatchNorm: its running statistics must come back on every load path, the universal one too
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.5 * s))
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": grad_accum,
@@ -83,7 +84,7 @@ def train_step(engine, loss_fn, step: int, rank: int, world: int, grad_accum: in
 
 
 def full_state(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights and Adam moments of every parameter this rank holds (collective)."""
+    """Full fp32 weights and Adam moments of every parameter this rank holds, and its buffers (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -92,6 +93,7 @@ def full_state(engine) -> dict[str, torch.Tensor]:
         out[name] = safe_get_full_fp32_param(param).clone()
         for key in ("exp_avg", "exp_avg_sq"):
             out[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).clone()
+    out.update({f"buffer/{name}": buffer.clone() for name, buffer in engine.module.named_buffers()})
     if engine.lr_scheduler is not None:
         out["lr"] = torch.tensor(engine.lr_scheduler.get_last_lr())
     return out
@@ -226,7 +228,7 @@ def test_zero123_saved_on_2_ranks_resume_on_1_rank(tmp_path, s3_bucket):
     for rank in (0, 1):
         fallback = load_result(tmp_path, "zero1", "mlp_grow", 2, rank)
         assert fallback["step"] == SAVE_STEP - 1 and fallback["info"] == {"step": SAVE_STEP - 1, "rank": rank}
-        saved = load_result(tmp_path, "zero1", "mlp", 2, rank)["state2"]
+        saved = load_result(tmp_path, "zero1", "mlp", 2, 0)["state2"]  # a checkpoint holds rank 0's buffers
         assert all(torch.equal(fallback["state"][key], value) for key, value in saved.items())
     damaged = json.loads((Path(roots[0]) / "ckpt" / "step_00000003" / "DAMAGED").read_text())
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256" in damaged["reason"]

@@ -211,12 +211,14 @@ def scenario_world_1(workdir: Path) -> dict:
 
 
 def scenario_world_2(workdir: Path) -> dict:
-    """2 ranks: the 1-rank runs resumed here, then each family trained to step 4 on 2 ranks."""
+    """2 ranks: the 1-rank runs resumed here, then each family trained to step 4 on 2 ranks; and
+    the uninterrupted run of the fencing test (one DeepSpeed start-up fewer)."""
     results = {}
     for family in WORLD_SIZE_LAYOUT:
         copy_run(workdir, f"ws_{family}_1", f"ws_{family}_1to2")
         results[f"{family}_1to2"] = world_size_run(workdir, family, f"ws_{family}_1to2")
         results[family] = world_size_run(workdir, family, f"ws_{family}_2")
+    results["fence_reference"] = fence_run(workdir, "fence_reference")
     return results
 
 
@@ -243,10 +245,6 @@ FENCE_STEPS = 10
 def fence_run(workdir: Path, name: str, on_item=None) -> dict:
     return run("train_vision_debug.yaml", [f"checkpoint.uri={workdir / 'runs'}", f"run_name={name}",
                                            f"train.max_steps={FENCE_STEPS}", "checkpoint.every_steps=2"], on_item)
-
-
-def scenario_fence_reference(workdir: Path) -> dict:
-    return {"reference": fence_run(workdir, "fence_reference")}
 
 
 def scenario_fence_orphans(workdir: Path) -> dict:
@@ -480,13 +478,14 @@ def test_eval_right_after_a_resume_on_another_world_size_equals_eval_on_the_save
         assert set(saved_on_2["eval"]) == {"model", "ema"}
 
 
-def test_orphans_of_a_killed_launcher_are_fenced_out_and_the_new_run_is_exact(tmp_path):
+def test_orphans_of_a_killed_launcher_are_fenced_out_and_the_new_run_is_exact(world_size_runs):
     """kill -9 of torchrun leaves its workers running (each in its own session). The same run
     started again claims the run folder; the orphans stop at their next write attempt, nothing of
-    theirs lands after the claim, and the new run ends with the uninterrupted run's weights."""
+    theirs lands after the claim, and the new run ends with the uninterrupted run's weights (that
+    run rode along in the 2-rank world-size launch)."""
     import psutil
     import torch
-    reference = launch_ok("fence_reference", tmp_path)["reference"]
+    tmp_path, reference = world_size_runs[0], world_size_runs[2]["fence_reference"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PNET_LOG_LEVEL": "INFO"}
     log_path = tmp_path / "orphans.log"
     with open(log_path, "w") as log_file:
