@@ -75,7 +75,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000                      # optimizer steps
     eval_every_steps: int = 0                  # 0 = evaluate only at the end (if eval_uri is set)
-    eval_max_batches: Optional[int] = None     # per rank; None = the whole eval set
+    eval_max_samples: Optional[int] = None     # the first N eval samples (all ranks together); None = all
     log_every_steps: int = 10                  # console log line
     seed: int = 0
     ema_decay: Optional[float] = None          # weight EMA (vision only), e.g. 0.9998
@@ -394,8 +394,8 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
     train = cfg.train
     if train.eval_every_steps > 0 and cfg.data.eval_uri is None:
         fail("train.eval_every_steps", "is set but data.eval_uri is not; set data.eval_uri or eval_every_steps=0")
-    if train.eval_max_batches is not None and train.eval_max_batches <= 0:
-        fail("train.eval_max_batches", f"must be > 0 or null, got {train.eval_max_batches}")
+    if train.eval_max_samples is not None and train.eval_max_samples <= 0:
+        fail("train.eval_max_samples", f"must be > 0 or null, got {train.eval_max_samples}")
     if train.ema_decay is not None:
         if not 0.0 < train.ema_decay < 1.0:
             fail("train.ema_decay", f"must be in (0, 1), e.g. 0.9998, got {train.ema_decay}")

@@ -84,13 +84,6 @@ def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> li
     return flat[:stats.numel()].tolist()
 
 
-def all_reduce_min(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
-
-
 def broadcast_object(obj):
     """rank 0's `obj` on every rank."""
     if not dist.is_initialized():

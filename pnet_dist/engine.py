@@ -1,7 +1,8 @@
 """The DeepSpeed engine: ds_config from the job config, optimizer and schedule, deepspeed.initialize.
 
 This is the only module of the training path that imports deepspeed (pnet_dist.moe_deepspeed is
-the MoE glue it calls; the checkpoint manager drives the engine object it is handed). The loop
+the MoE glue it calls; pnet_dist.engine_checkpoint saves and loads the engine object it is handed,
+all DeepSpeed checkpoint formats in one place beside this module). The loop
 in train.py uses the engine's own methods: engine(batch), backward, step, was_step_applied,
 get_global_grad_norm, get_lr.
 

@@ -26,7 +26,8 @@ import torch
 import yaml
 from torch import nn
 
-from pnet_dist.checkpoint import CKPT_DIR, FORMAT_MOE, CheckpointManager, client_state_name, step_dir_name
+from pnet_dist.checkpoint import CKPT_DIR, CheckpointStore, step_dir_name
+from pnet_dist.engine_checkpoint import FORMAT_MOE, client_state_name
 from pnet_dist.hf import check_hf_supported, read_tokenizer, write_hf_folder
 from pnet_dist.log import get_logger
 from pnet_dist.models import create_model
@@ -46,7 +47,7 @@ def consolidated_state_dict(root_uri: str, step: int | None = None, *, ema_key: 
     instead of the trained weights. strip_prefix: drop this prefix from every name (when the
     engine wrapped the model, e.g. "model.").
     """
-    manager = CheckpointManager(root_uri, keep_last=1, async_upload=False)
+    manager = CheckpointStore(root_uri)
     step = _resolve_step(manager, step)
     with tempfile.TemporaryDirectory(prefix="pnet_export_") as tmp:
         # The EMA weights are in rank 0's client_state alone: no need for the shards.
@@ -72,7 +73,7 @@ def consolidated_state_dict(root_uri: str, step: int | None = None, *, ema_key: 
     return state_dict, manifest
 
 
-def _resolve_step(manager: CheckpointManager, step: int | None) -> int:
+def _resolve_step(manager: CheckpointStore, step: int | None) -> int:
     if step is None:
         step = manager.latest_complete()
         if step is None:
@@ -123,7 +124,7 @@ def export_checkpoint(root_uri: str, out_dir: str, step: int | None = None, *, m
     The model defaults to the one recorded in the checkpoint's manifest; the hf/ tokenizer comes
     from dataset_uri, by default the run's data.train_uri. Returns out_dir.
     """
-    manager = CheckpointManager(root_uri, keep_last=1, async_upload=False)
+    manager = CheckpointStore(root_uri)
     step = _resolve_step(manager, step)
     recorded = manager.manifest(step).get("model") or {}
     model_name = model_name or recorded.get("name")

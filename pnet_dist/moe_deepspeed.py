@@ -29,7 +29,7 @@ Why each piece exists (DeepSpeed 0.19.8, read in runtime/engine.py and zero/stag
   safe_get_full_optimizer_state), dense parameters in one file written by rank 0, experts in one
   file per GLOBAL expert index written by the expert-data-parallel rank 0 holding it, plus the
   scalar optimizer state (Adam's step), per-parameter-group hyperparameters (lr, ...), the LR
-  scheduler, the engine counters and the caller's client_state. A marker file written last makes
+  scheduler, the engine counters, the module's persistent buffers and the caller's client_state. A marker file written last makes
   the checkpoint complete. `load_checkpoint` reads it into an engine of ANY ep_size / data-parallel
   size, each rank picking its own experts. Do not call engine.save_checkpoint on an EP model.
 - Which DeepSpeed settings an MoE model may use (ZeRO-1/2, no fp16, no optimizer offload) is decided
@@ -258,6 +258,7 @@ def save_checkpoint(engine, save_dir: str | Path, tag: str,
             lr_scheduler=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             engine_counters={"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                              "skipped_steps": engine.skipped_steps},
+            buffers=_persistent_buffers(model),
             client_state=client_state or {})
         torch.save(dense, ckpt_dir / DENSE_FILE)
     ds_dist.barrier()
@@ -334,4 +335,17 @@ def load_checkpoint(engine, load_dir: str | Path, tag: str) -> dict[str, Any]:
             _remap_group_lists(dense["lr_scheduler"], saved_index, len(dense["group_hparams"])))
     for key, value in dense["engine_counters"].items():
         setattr(engine, key, value)
+    buffers = _persistent_buffers(model)
+    missing = sorted(set(buffers) - set(dense.get("buffers", {})))
+    if missing and "buffers" in dense:
+        raise ValueError(f"{ckpt_dir}: no entry for buffers {missing[:3]}; the checkpoint is of another model")
+    with torch.no_grad():
+        for name, value in dense.get("buffers", {}).items():  # checkpoints before buffers were saved have none
+            buffers[name].copy_(value)
     return dense["client_state"]
+
+
+def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers (the same on every rank; none live inside experts)."""
+    persistent = set(model.state_dict())
+    return {name: buffer for name, buffer in model.named_buffers() if name in persistent}

@@ -8,6 +8,7 @@ month-long run (ray #47939).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ from pnet_dist.log import get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")
+_READ_CHUNK = 8 << 20
 
 
 def is_s3(uri: str) -> bool:
@@ -58,7 +60,7 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPoli
     for attempt in range(1, policy.max_attempts + 1):
         try:
             return fn()
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # no retry fixes a missing key or a denied read
             raise
         except Exception as exc:  # noqa: BLE001 -- any transport error is worth a retry
             elapsed = time.monotonic() - start
@@ -102,8 +104,11 @@ class Storage:
             try:
                 return fn()
             except self._client_error() as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("404", "NoSuchKey", "NotFound"):
                     raise FileNotFoundError(self.uri(key)) from exc
+                if code in ("403", "AccessDenied"):
+                    raise PermissionError(f"{self.uri(key)}: access denied") from exc
                 raise
         return with_retries(call, f"{what} {self.uri(key)}", self.retry)
 
@@ -116,14 +121,69 @@ class Storage:
         os.replace(tmp, dest)
 
     # -- interface -----------------------------------------------------------------------
-    def put_file(self, local_path: str | os.PathLike, key: str) -> None:
+    def put_file(self, local_path: str | os.PathLike, key: str) -> str:
+        """Upload (or copy) a local file to key; returns its sha256, computed from the bytes as they
+        are read for the upload -- one pass over the file, not a second one for the checksum."""
         if is_s3(self.root):
             from boto3.s3.transfer import TransferConfig
             config = TransferConfig()  # 8 MiB parts, 10 threads; s3transfer raises the part size for files over 10,000 parts
-            with_retries(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=config),
-                         f"upload {local_path} -> {self.uri(key)}", self.retry)
-        else:
-            self._write_local(key, lambda tmp: shutil.copyfile(local_path, tmp))
+
+            def upload() -> str:
+                with open(local_path, "rb") as f:
+                    reader = _HashingReader(f)
+                    self.client.upload_fileobj(reader, self.bucket, self._key(key), Config=config)
+                return reader.hexdigest()
+            return with_retries(upload, f"upload {local_path} -> {self.uri(key)}", self.retry)
+        digest = hashlib.sha256()
+
+        def copy(tmp: Path) -> None:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_READ_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        self._write_local(key, copy)
+        return digest.hexdigest()
+
+    def move_file(self, local_path: str | os.PathLike, key: str) -> str:
+        """put_file, then the local file is gone; a local root on the same file system renames it
+        (nothing copied; the checksum read is the only pass). Returns its sha256."""
+        if not is_s3(self.root):
+            dest = self._local(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            digest = sha256_file(local_path)
+            try:
+                os.replace(local_path, dest)
+                return digest
+            except OSError:  # another file system: copy below
+                pass
+        digest = self.put_file(local_path, key)
+        os.unlink(local_path)
+        return digest
+
+    def create_exclusive(self, data: bytes, key: str) -> bool:
+        """Write key only if it does not exist yet (S3 conditional write If-None-Match, an exclusive
+        link on a local folder); False if it exists. Two writers racing for one key: one wins."""
+        if is_s3(self.root):
+            def put() -> bool:
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                    return True
+                except self._client_error() as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                        return False
+                    raise
+            return with_retries(put, f"create {self.uri(key)}", self.retry)
+        dest = self._local(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, dest)  # fails if dest exists, atomically (also on NFS)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +260,14 @@ class Storage:
                 continue
         return sizes
 
+    def delete(self, key: str) -> None:
+        """Delete one key (no error if it is already gone)."""
+        if is_s3(self.root):
+            with_retries(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)),
+                         f"delete {self.uri(key)}", self.retry)
+        else:
+            self._local(key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under prefix."""
         if is_s3(self.root):
@@ -219,6 +287,37 @@ class Storage:
     def _client_error():
         from botocore.exceptions import ClientError
         return ClientError
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashingReader:
+    """A read-only, non-seekable view of a file that hashes what is read through it. Non-seekable
+    on purpose: s3transfer then reads the parts in order, one thread, so the digest is the file's."""
+
+    def __init__(self, f):
+        self._f = f
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._digest.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def s3_client():

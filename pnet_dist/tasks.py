@@ -20,6 +20,8 @@ by the streaming loaders, or with data.format=ffcv an ffcv dataset read by ffcv_
 deterministic random batches made in the training process (no I/O), for benchmarks and smoke
 runs: sample i is a pure function of (data.shuffle_seed, i), and the loader position counts
 global samples, so a resume on another number of ranks continues the same sample stream.
+Eval sets (build_loaders' second value) yield global batches by index, the same at any world
+size (pnet_dist.data.evaluation; SyntheticEvalSet).
 """
 from __future__ import annotations
 
@@ -115,26 +117,27 @@ class ImageClassificationTask(_Task):
         if self.synthetic:
             return _synthetic_loaders(self.cfg, _synthetic_image_sample(self.num_classes, data.image_size))
         if data.format == "ffcv":
-            from pnet_dist.data.ffcv_path import build_ffcv_image_loader
-
-            def make(uri: str, train: bool, batch_size: int):
-                return build_ffcv_image_loader(
-                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
-                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct, hflip=data.hflip,
-                    shuffle=data.shuffle and train, cache_dir=data.cache_dir)
-        else:
-            from pnet_dist.data import build_image_loader
-            decode_on_device = self._decode_on_device()
-
-            def make(uri: str, train: bool, batch_size: int):
-                return build_image_loader(
-                    uri, train=train, batch_size=batch_size, image_size=data.image_size,
-                    num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct,
-                    randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
-                    hflip=data.hflip, num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle and train,
-                    cache_dir=data.cache_dir, decode_on_device=decode_on_device)
-        eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
-        return make(data.train_uri, True, data.batch_size), eval_loader
+            from pnet_dist.data.ffcv_path import build_ffcv_eval_set, build_ffcv_image_loader
+            train_loader = build_ffcv_image_loader(
+                data.train_uri, train=True, batch_size=data.batch_size, image_size=data.image_size,
+                num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct, hflip=data.hflip,
+                shuffle=data.shuffle, cache_dir=data.cache_dir)
+            eval_set = build_ffcv_eval_set(data.eval_uri, batch_size=data.eval_batch_size, image_size=data.image_size,
+                                           crop_pct=data.crop_pct, num_workers=data.num_workers,
+                                           cache_dir=data.cache_dir) if data.eval_uri else None
+            return train_loader, eval_set
+        from pnet_dist.data import build_eval_set, build_image_loader
+        decode_on_device = self._decode_on_device()
+        train_loader = build_image_loader(
+            data.train_uri, train=True, batch_size=data.batch_size, image_size=data.image_size,
+            num_workers=data.num_workers, seed=data.shuffle_seed, crop_pct=data.crop_pct,
+            randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude, hflip=data.hflip,
+            num_canonical_nodes=data.num_canonical_nodes, shuffle=data.shuffle, cache_dir=data.cache_dir,
+            decode_on_device=decode_on_device)
+        eval_set = build_eval_set(data.eval_uri, batch_size=data.eval_batch_size, image_size=data.image_size,
+                                  crop_pct=data.crop_pct, num_workers=data.num_workers, cache_dir=data.cache_dir,
+                                  decode_on_device=decode_on_device) if data.eval_uri else None
+        return train_loader, eval_set
 
     def _decode_on_device(self) -> bool:
         """data.decode_device: cpu = loader workers decode; cuda = this rank's GPU (nvJPEG); auto = the GPU
@@ -201,14 +204,14 @@ class CausalLMTask(_Task):
         data = self.cfg.data
         if self.synthetic:
             return _synthetic_loaders(self.cfg, _synthetic_text_sample(self.vocab_size, data.seq_len))
-        from pnet_dist.data import build_text_loader
+        from pnet_dist.data import build_eval_set, build_text_loader
 
-        def make(uri: str, train: bool, batch_size: int):
-            return build_text_loader(uri, batch_size=batch_size, seq_len=data.seq_len, num_workers=data.num_workers,
-                                     seed=data.shuffle_seed, shuffle=data.shuffle and train,
-                                     num_canonical_nodes=data.num_canonical_nodes, cache_dir=data.cache_dir)
-        eval_loader = make(data.eval_uri, False, data.eval_batch_size) if data.eval_uri else None
-        return make(data.train_uri, True, data.batch_size), eval_loader
+        train_loader = build_text_loader(data.train_uri, batch_size=data.batch_size, seq_len=data.seq_len,
+                                         num_workers=data.num_workers, seed=data.shuffle_seed, shuffle=data.shuffle,
+                                         num_canonical_nodes=data.num_canonical_nodes, cache_dir=data.cache_dir)
+        eval_set = build_eval_set(data.eval_uri, batch_size=data.eval_batch_size, seq_len=data.seq_len,
+                                  num_workers=data.num_workers, cache_dir=data.cache_dir) if data.eval_uri else None
+        return train_loader, eval_set
 
     def train_loss(self, model, batch, *, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         input_ids, labels = (t.to(self.device, non_blocking=True) for t in batch)
@@ -262,36 +265,27 @@ def _synthetic_text_sample(vocab_size: int, seq_len: int):
     return sample
 
 
+def _synthetic_batch(make_sample, seed: int, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [make_sample(torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in sample_ids]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
 class SyntheticLoader:
-    """Deterministic random batches. Rank r's k-th sample of global micro-batch m is sample
-    m * B * W + r * B + k; the state is the number of global samples consumed.
+    """Endless deterministic random batches. Rank r's k-th sample of global micro-batch m is
+    sample m * B * W + r * B + k; the state is the number of global samples consumed."""
 
-    num_batches=None: endless (training). Otherwise every iteration starts over and yields
-    num_batches batches (evaluation on a fixed set).
-    """
-
-    def __init__(self, make_sample, batch_size: int, *, seed: int, num_batches: int | None = None):
+    def __init__(self, make_sample, batch_size: int, *, seed: int):
         self.make_sample = make_sample
         self.batch_size = batch_size
         self.seed = seed
-        self.num_batches = num_batches
         self.samples_consumed = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = dist.get_rank(), dist.get_world_size()
-        if self.num_batches is not None:
-            self.samples_consumed = 0
-        while self.num_batches is None or self.samples_consumed < self.num_batches * self.batch_size * world:
+        while True:
             first = self.samples_consumed + rank * self.batch_size
             self.samples_consumed += self.batch_size * world
-            pairs = [self.make_sample(torch.Generator().manual_seed(self.seed * 1_000_003 + first + k))
-                     for k in range(self.batch_size)]
-            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an endless synthetic loader has no length")
-        return self.num_batches
+            yield _synthetic_batch(self.make_sample, self.seed, range(first, first + self.batch_size))
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}
@@ -300,7 +294,22 @@ class SyntheticLoader:
         self.samples_consumed = state["samples_consumed"]
 
 
-def _synthetic_loaders(cfg: JobConfig, make_sample) -> tuple[SyntheticLoader, SyntheticLoader | None]:
+class SyntheticEvalSet:
+    """A fixed set of num_samples deterministic samples, read by global batch (see train.evaluate)."""
+
+    def __init__(self, make_sample, batch_size: int, *, seed: int, num_samples: int):
+        self.make_sample = make_sample
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_samples = num_samples
+
+    def batches(self, indices: list[int], num_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in indices:
+            yield _synthetic_batch(self.make_sample, self.seed,
+                                   range(b * self.batch_size, min(num_samples, (b + 1) * self.batch_size)))
+
+
+def _synthetic_loaders(cfg: JobConfig, make_sample) -> tuple[SyntheticLoader, SyntheticEvalSet | None]:
     data = cfg.data
     train = SyntheticLoader(make_sample, data.batch_size, seed=data.shuffle_seed)
     if data.eval_uri is None:
@@ -308,7 +317,7 @@ def _synthetic_loaders(cfg: JobConfig, make_sample) -> tuple[SyntheticLoader, Sy
     if not data.eval_uri.startswith(SYNTHETIC):
         raise ValueError(f"data.eval_uri={data.eval_uri!r}: a synthetic train set needs a synthetic eval set "
                          f"(data.eval_uri: '{SYNTHETIC}')")
-    if cfg.train.eval_max_batches is None:
-        raise ValueError("train.eval_max_batches: a synthetic eval set has no natural size; set it")
-    return train, SyntheticLoader(make_sample, data.eval_batch_size, seed=data.shuffle_seed + 1,
-                                  num_batches=cfg.train.eval_max_batches)
+    if cfg.train.eval_max_samples is None:
+        raise ValueError("train.eval_max_samples: a synthetic eval set has no natural size; set it")
+    return train, SyntheticEvalSet(make_sample, data.eval_batch_size, seed=data.shuffle_seed + 1,
+                                   num_samples=cfg.train.eval_max_samples)

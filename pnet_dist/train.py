@@ -7,12 +7,20 @@ then `Trainer`: set-up from the config (model, engine, loaders, checkpoints, met
 checkpoint, stop check -- then the final eval.
 
 What the loop guarantees:
-- Resume is exact: the checkpoint holds the engine (weights, optimizer, LR schedule), the loader
-  position, counters, RNG states and the EMA. Randomness inside a step (dropout, drop-path,
-  mixup/cutmix) is seeded per micro-batch from (seed, step, place in the global batch), and
-  BatchNorm running statistics are averaged over ranks every step (ZeRO syncs weights, not
-  buffers, and a checkpoint holds rank 0's). A run stopped at step k and resumed reproduces the
-  uninterrupted run's losses and eval bit for bit on the same world size.
+- Resume is exact: a checkpoint holds the engine (weights, optimizer, LR schedule, module
+  buffers) and the Stateful objects of `Trainer.checkpoint_state` -- counters, loader position,
+  RNG states, EMA -- the one description that saving and every restore walk
+  (pnet_dist.engine_checkpoint). Randomness inside a step (dropout, drop-path, mixup/cutmix) is
+  seeded per micro-batch from (seed, step, place in the global batch), and BatchNorm running
+  statistics are averaged over ranks every step (ZeRO syncs weights, not buffers, and a
+  checkpoint holds rank 0's). A run stopped at step k and resumed reproduces the uninterrupted
+  run's losses and eval bit for bit on the same world size.
+- Start-up: the newest checkpoint that passes every check is loaded (damaged ones are marked and
+  skipped, on every rank together), after its model was checked against model.name and the run
+  folder claimed for this writer generation (older writers are fenced out). Only then is
+  anything written: config.yaml and the TensorBoard files.
+- Checkpoints never wait for storage: a save copies the state to CPU memory and uploads in the
+  background; while an upload is still running the next periodic checkpoint is skipped.
 - Preemption: SIGTERM (Ray, spot termination, torchrun forwarding it) or a spot interruption
   notice sets a flag; the ranks agree on it in the step's one collective, finish that step,
   checkpoint, and return with result["preempted"] = True.
@@ -33,15 +41,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from pnet_dist import cli, dist
-from pnet_dist.checkpoint import CheckpointManager
+from pnet_dist.checkpoint import CheckpointStore
 from pnet_dist.config import JobConfig, load_config, save_resolved
 from pnet_dist.engine import build_engine, poison_nonfinite
+from pnet_dist.engine_checkpoint import EngineCheckpointer, Stateful
 from pnet_dist.log import get_logger
 from pnet_dist.metrics import ROOT_RUN, MetricsWriter, ThroughputMeter, moe_lines, peak_flops_per_rank
 from pnet_dist.models.moe import moe_stats
@@ -61,6 +70,13 @@ class TrainState:
     nonfinite_in_row: int = 0
     reloads: int = 0               # reloads of the last checkpoint after a non-finite streak
 
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in fields(self):
+            setattr(self, field.name, state[field.name])
+
 
 @dataclass
 class StepResult:
@@ -72,8 +88,9 @@ class StepResult:
     stop: bool                     # some rank was asked to stop (SIGTERM / spot notice)
 
 
-def train_step(engine, task, micro_batches: list, step: int, seed: int) -> StepResult:
-    """Forward/backward over the micro-batches, one optimizer step, one collective for the stats."""
+def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bool) -> StepResult:
+    """Forward/backward over the micro-batches, one optimizer step, one collective for the stats;
+    `stop` (this rank was asked to stop) is agreed on in that collective."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     lr = max(engine.get_lr())
     buffers = [b.clone() for b in engine.module.buffers()]  # BatchNorm statistics; none in the LMs
@@ -90,10 +107,10 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int) -> StepR
         nonfinite += (~torch.isfinite(loss.detach())).float()
         for key, value in extras.items():
             extras_sum[key] = extras_sum.get(key, 0.0) + value
-    stop = torch.tensor(float(stop_requested()), device=task.device)
+    stop_flag = torch.tensor(float(stop), device=task.device)
     # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
     # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
-    totals = dist.sum_and_average(torch.stack([loss_sum, nonfinite, stop, *extras_sum.values()]),
+    totals = dist.sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
                                   [b for b in engine.module.buffers() if b.is_floating_point()])
     num = len(micro_batches) * world_size
     if totals[1] > 0:  # the forward passes also ran BatchNorm statistics through the NaNs
@@ -138,26 +155,37 @@ class Trainer:
         self.engine = build_engine(cfg, model, world_size)
         if self.ema is not None:
             self.ema.module.to(task.device)
-        self.train_loader, self.eval_loader = task.build_loaders()
+        self.train_loader, self.eval_set = task.build_loaders()
         self._upload_logged_step: int | None = None
-        self.ckpt = CheckpointManager(cfg.run_uri, cfg.checkpoint.keep_last, cfg.checkpoint.async_upload,
-                                      cfg.checkpoint.upload_timeout_s, model_name=cfg.model.name,
-                                      model_kwargs=task.model_kwargs)
-        self.writer = MetricsWriter(cfg.metrics.logdir, enabled=dist.is_main(), sync_every_s=cfg.metrics.sync_every_s)
+        store = CheckpointStore(cfg.run_uri, keep_last=cfg.checkpoint.keep_last,
+                                async_upload=cfg.checkpoint.async_upload,
+                                upload_timeout_s=cfg.checkpoint.upload_timeout_s)
+        self.ckpt = EngineCheckpointer(self.engine, store, model_name=cfg.model.name, model_kwargs=task.model_kwargs)
+        self.writer = MetricsWriter(cfg.metrics.logdir, enabled=False)  # opened by fit() once the resume checks passed
         self.meter = ThroughputMeter(task.flops_per_sample, world_size=world_size,
                                      peak_flops=peak_flops_per_rank(task.device, cfg.deepspeed.precision,
                                                                     cfg.metrics.peak_tflops_per_rank))
         self.state = TrainState()
         self.interval_losses: list[float] = []
-        if dist.is_main():
-            save_resolved(cfg)
+
+    def checkpoint_state(self, with_loader: bool = True) -> dict[str, Stateful]:
+        """Everything a checkpoint holds besides the engine: what save() writes and every restore
+        loads (a reload after non-finite losses leaves the loader where it is)."""
+        state: dict[str, Stateful] = {"train_state": self.state, "loader": self.train_loader, "rng": RngState(),
+                                      "ema": EmaState(self.ema, self.engine.module)}
+        if not with_loader:
+            del state["loader"]
+        return state
 
     def fit(self) -> dict:
         cfg = self.cfg
-        resumed_from = dist.rank0_decides(self.ckpt.latest_complete)
+        resumed_from = self.ckpt.start(self.checkpoint_state())
         if resumed_from is not None:
-            self.restore(resumed_from, restore_loader=True)
             log.info("resumed from checkpoint step %d", resumed_from)
+        if dist.is_main():  # a start that failed its checks above has written nothing
+            self.ckpt.store.check_fence()
+            save_resolved(cfg)
+        self.writer = MetricsWriter(cfg.metrics.logdir, enabled=dist.is_main(), sync_every_s=cfg.metrics.sync_every_s)
         batches = BatchStream(self.train_loader)
         losses: dict[int, float] = {}
         eval_results: dict = {}
@@ -165,7 +193,8 @@ class Trainer:
         applied_since_reload = True
         while self.state.step < cfg.train.max_steps:
             data_wait_s, micro_batches = batches.next(cfg.deepspeed.grad_accum_steps)
-            result = train_step(self.engine, self.task, micro_batches, self.state.step, cfg.train.seed)
+            result = train_step(self.engine, self.task, micro_batches, self.state.step, cfg.train.seed,
+                                stop=stop_requested())
             self.account(result, micro_batches, data_wait_s)
             step, nonfinite_in_row = self.state.step, self.state.nonfinite_in_row
             losses[step] = result.loss
@@ -178,17 +207,17 @@ class Trainer:
                 self.reload_after_nonfinite()
                 applied_since_reload = False
                 continue
-            if self.eval_loader is not None and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
+            if self.eval_set is not None and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
                 eval_results, evaluated_at = self.evaluate(), step
             if result.stop or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
-                self.save()
+                self.save(wait_for_previous=result.stop or step == cfg.train.max_steps)
             if result.stop:
                 preempted = True
                 log.warning("stop requested (%s): checkpointed step %d, exiting",
                             _STOP.reason or "on another rank", step)
                 break
 
-        if not preempted and self.eval_loader is not None and evaluated_at != self.state.step:
+        if not preempted and self.eval_set is not None and evaluated_at != self.state.step:
             eval_results = self.evaluate()
         wait_started = time.perf_counter()
         self.ckpt.wait()
@@ -243,10 +272,10 @@ class Trainer:
                      values["train/samples_per_s"], 100 * values["perf/data_wait_frac"])
 
     def evaluate(self) -> dict:
-        max_batches = self.cfg.train.eval_max_batches
-        results = {"model": evaluate(self.task, self.engine, self.eval_loader, max_batches)}
+        max_samples = self.cfg.train.eval_max_samples
+        results = {"model": evaluate(self.task, self.engine, self.eval_set, max_samples)}
         if self.ema is not None:
-            results["ema"] = evaluate(self.task, self.ema.module, self.eval_loader, max_batches)
+            results["ema"] = evaluate(self.task, self.ema.module, self.eval_set, max_samples)
         for name, metrics in results.items():
             # The EMA's figures are a second line on the model's eval charts; the eval set's size
             # (samples, tokens) is the same at every eval and goes to the console only.
@@ -258,16 +287,14 @@ class Trainer:
         self.meter.restart()
         return results
 
-    def save(self) -> None:
-        wait_started = time.perf_counter()
-        self.ckpt.wait()  # the previous upload; save() would wait too -- timed apart from the save itself
+    def save(self, wait_for_previous: bool) -> None:
+        """Checkpoint this step (skipped while the previous one still uploads, unless wait_for_previous)."""
         self.log_finished_upload()
         save_started = time.perf_counter()
-        client_state = {"train_state": asdict(self.state), "loader": self.train_loader.state_dict(),
-                        "rng": rng_states(), "ema": self.ema.state_dict() if self.ema is not None else None}
-        self.ckpt.save(self.engine, self.state.step, client_state)
-        self.writer.scalars(self.state.step, {"ckpt/upload_wait_s": save_started - wait_started,
-                                              "ckpt/save_s": time.perf_counter() - save_started})
+        if self.ckpt.save(self.state.step, self.checkpoint_state(), wait_for_previous=wait_for_previous):
+            self.writer.scalars(self.state.step, {"ckpt/save_s": time.perf_counter() - save_started})
+        else:
+            self.writer.scalars(self.state.step, {"ckpt/skipped": 1.0})
         self.meter.restart()
 
     def log_finished_upload(self) -> None:
@@ -281,31 +308,16 @@ class Trainer:
             "ckpt/write_s": stats["write_s"], "ckpt/upload_s": stats["upload_s"],
             "ckpt/upload_mb_per_s": stats["num_bytes"] / 1e6 / max(stats["upload_s"], 1e-9)})
 
-    def restore(self, step: int, restore_loader: bool) -> None:
-        """Load checkpoint `step` into the engine, counters, EMA, RNG (and the loader position)."""
-        saved = self.ckpt.load(self.engine, step)
-        self.state = TrainState(**saved["train_state"])
-        if restore_loader:
-            self.train_loader.load_state_dict(saved["loader"])
-        if self.ema is not None and saved["ema"] is not None:
-            self.ema.load_state_dict(saved["ema"])
-        elif self.ema is not None:
-            log.warning("checkpoint step %d has no EMA weights (train.ema_decay was off); the EMA starts now", step)
-            self.ema.reset(self.engine.module)
-        set_rng_states(saved["rng"])
-
     def reload_after_nonfinite(self) -> None:
         """Back to the last complete checkpoint; the loader keeps its position (bad batches are not replayed)."""
-        failed = self.state
-        self.ckpt.wait()
-        step = dist.rank0_decides(self.ckpt.latest_complete)
+        failed = TrainState(**self.state.state_dict())
+        step = self.ckpt.reload(self.checkpoint_state(with_loader=False))
         if step is None:
             raise RuntimeError(f"step {failed.step}: {failed.nonfinite_in_row} non-finite losses in a row and no "
                                f"complete checkpoint under {self.cfg.run_uri} to reload; lower optim.lr or "
                                "checkpoint more often")
-        log.warning("step %d: %d non-finite losses in a row; reloading checkpoint step %d and continuing with "
+        log.warning("step %d: %d non-finite losses in a row; reloaded checkpoint step %d and continuing with "
                     "the next batches", failed.step, failed.nonfinite_in_row, step)
-        self.restore(step, restore_loader=False)
         self.state.nonfinite_total = failed.nonfinite_total
         self.state.reloads = failed.reloads + 1
         self.meter.restart()
@@ -349,25 +361,63 @@ class BatchStream:
         return time.perf_counter() - started, batches
 
 
-def evaluate(task, model, loader, max_batches: int | None) -> dict[str, float]:
-    """Eval metrics over the same number of batches on every rank (ZeRO-3 forwards are collective)."""
-    if max_batches is None:
-        try:
-            max_batches = len(loader)
-        except TypeError as exc:
-            raise ValueError("the eval loader has no length; set train.eval_max_batches") from exc
-    num_batches = dist.all_reduce_min(max_batches)
+def evaluate(task, model, eval_set, max_samples: int | None) -> dict[str, float]:
+    """Eval metrics over the first max_samples samples of the eval set (all if None), equal at any
+    world size: global batch b (samples [b*B, (b+1)*B)) is evaluated by rank b % world_size, and
+    the per-batch sums are added in batch order after one collective. Every rank runs the same
+    number of forwards (ZeRO-3's are collective): a rank without a batch in the last round
+    evaluates batch 0 again and drops the result."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    num_samples = eval_set.num_samples if max_samples is None else min(max_samples, eval_set.num_samples)
+    num_batches = -(-num_samples // eval_set.batch_size)
+    mine = list(range(rank, num_batches, world_size))
+    num_rounds = -(-num_batches // world_size)
+    sums_NK = torch.zeros(num_batches, len(task.eval_keys), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    sums = [0.0] * len(task.eval_keys)
-    for _, batch in zip(range(num_batches), loader):
-        sums = [a + b for a, b in zip(sums, task.eval_sums(model, batch))]
+    for round_index, batch in enumerate(eval_set.batches(mine + [0] * (num_rounds - len(mine)), num_samples)):
+        sums = task.eval_sums(model, batch)
+        if round_index < len(mine):
+            sums_NK[mine[round_index]] = torch.tensor(sums, dtype=torch.float64)
     model.train(was_training)
-    totals = dist.sum_and_average(torch.tensor(sums, dtype=torch.float64))
+    # Each row is filled on one rank and zero on the others, so the sum over ranks is exact.
+    rows = torch.tensor(dist.sum_and_average(sums_NK.reshape(-1)), dtype=torch.float64).view_as(sums_NK).tolist()
+    totals = [0.0] * len(task.eval_keys)
+    for row in rows:  # in batch order: the same additions at any world size
+        totals = [total + value for total, value in zip(totals, row)]
     return task.eval_summary(dict(zip(task.eval_keys, totals)))
 
 
-# -- RNG ---------------------------------------------------------------------------------------
+# -- what a checkpoint holds besides the engine (Stateful objects; see Trainer.checkpoint_state) --
+class RngState:
+    """This process's random number generators (Python, NumPy, torch, CUDA)."""
+
+    def state_dict(self) -> dict:
+        return rng_states()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_states(state)
+
+
+class EmaState:
+    """The weight EMA (None in a checkpoint of a run with train.ema_decay off)."""
+
+    def __init__(self, ema: ModelEma | None, module: torch.nn.Module):
+        self.ema, self.module = ema, module
+
+    def state_dict(self) -> dict | None:
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.ema is None:
+            return
+        if state is None:  # called after the engine's weights are loaded
+            log.warning("the checkpoint has no EMA weights (train.ema_decay was off); the EMA starts now")
+            self.ema.reset(self.module)
+        else:
+            self.ema.load_state_dict(state)
+
+
 def rng_states() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

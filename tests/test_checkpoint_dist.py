@@ -1,7 +1,7 @@
 """Checkpoints across world sizes with real DeepSpeed on gloo: save on 2 ranks (ZeRO-1/2/3, and an
-expert-parallel MoE LLaMA), load on 1 rank, compare weights and optimizer states exactly and the
+expert-parallel MoE LLaMA), resume on 1 rank, compare weights and optimizer states exactly and the
 continued training with the 2-rank continuation; then the 1-rank checkpoint back on 2 ranks, and a
-corrupted shard that only one rank reads failing the load on both ranks.
+corrupted shard that only one rank reads: both ranks fall back to the older checkpoint together.
 
 This file is also the worker program: `python tests/test_checkpoint_dist.py MODE OUT_DIR ROOT...`
 runs on every rank (RANK / WORLD_SIZE / MASTER_* set by `run_ranks`).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def mlp_engine(stage: int, grad_accum: int):
     import deepspeed
     from torch import nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
+    # BatchNorm: its running statistics must come back on every load path, the universal one too
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.5 * s))
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": grad_accum,
@@ -82,7 +84,7 @@ def train_step(engine, loss_fn, step: int, rank: int, world: int, grad_accum: in
 
 
 def full_state(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights and Adam moments of every parameter this rank holds (collective)."""
+    """Full fp32 weights and Adam moments of every parameter this rank holds, and its buffers (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -91,15 +93,32 @@ def full_state(engine) -> dict[str, torch.Tensor]:
         out[name] = safe_get_full_fp32_param(param).clone()
         for key in ("exp_avg", "exp_avg_sq"):
             out[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).clone()
+    out.update({f"buffer/{name}": buffer.clone() for name, buffer in engine.module.named_buffers()})
     if engine.lr_scheduler is not None:
         out["lr"] = torch.tensor(engine.lr_scheduler.get_last_lr())
     return out
 
 
+class Box:
+    """A Stateful holding one value."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state) -> None:
+        self.value = state
+
+
 def worker(mode: str, out_dir: Path, roots: list[str]) -> None:
+    """mlp / moe on 2 ranks: train, checkpoints at steps 2 and 3; on 1 rank: resume (step 3),
+    continue, checkpoint step 6. mlp_grow on 2 ranks: resume whatever is newest and usable."""
     import deepspeed
     import torch.distributed as dist
-    from pnet_dist.checkpoint import CheckpointManager
+    from pnet_dist.checkpoint import CheckpointStore
+    from pnet_dist.engine_checkpoint import EngineCheckpointer
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     grad_accum = 2 // world
@@ -107,33 +126,27 @@ def worker(mode: str, out_dir: Path, roots: list[str]) -> None:
              if mode.startswith("mlp") else [("moe", lambda: moe_engine(world, grad_accum), moe_loss)])
     for (name, build, loss_fn), root in zip(cases, roots):
         engine = build()
-        manager = CheckpointManager(root, keep_last=2, async_upload=True)
-        result: dict = {}
-        if mode == "mlp_grow" and name == "zero1":  # a shard only rank 1 reads is damaged: all fail
-            try:
-                manager.load(engine, SAVE_STEP)
-            except Exception as exc:  # noqa: BLE001 -- the test reads it
-                result["error"] = f"{type(exc).__name__}: {exc}"
-        elif mode == "mlp_grow":  # the 1-rank run's final checkpoint, back on 2 ranks
-            step = manager.latest_complete()
-            result.update(step=step, client_state=manager.load(engine, step), state=full_state(engine))
-        elif world == 2:
+        ckpt = EngineCheckpointer(engine, CheckpointStore(root, keep_last=3))
+        info = Box()
+        step = ckpt.start({"info": info})
+        result: dict = {"step": step, "info": info.value}
+        if step is None:
             for step in range(SAVE_STEP):
                 train_step(engine, loss_fn, step, rank, world, grad_accum)
-            manager.save(engine, SAVE_STEP, {"step": SAVE_STEP, "rank": rank})
-            result["state"] = full_state(engine)  # the training state the checkpoint holds
+                if step + 1 >= SAVE_STEP - 1:
+                    ckpt.save(step + 1, {"info": Box({"step": step + 1, "rank": rank})}, wait_for_previous=True)
+                    result[f"state{step + 1}"] = full_state(engine)  # the training state the checkpoint holds
+            result["state"] = result[f"state{SAVE_STEP}"]
         else:
-            step = manager.latest_complete()
-            client_state = manager.load(engine, step)
-            result.update(step=step, client_state=client_state, saved_world=manager.saved_world_size(step),
-                          state=full_state(engine))
+            result.update(saved_world=ckpt.store.manifest(step)["world_size"], state=full_state(engine))
         if mode != "mlp_grow":
             result["continued"] = [train_step(engine, loss_fn, s, rank, world, grad_accum)
                                    for s in range(SAVE_STEP, SAVE_STEP + NUM_CONTINUE)]
         if world == 1:
-            manager.save(engine, SAVE_STEP + NUM_CONTINUE, {"step": SAVE_STEP + NUM_CONTINUE, "rank": rank})
+            ckpt.save(SAVE_STEP + NUM_CONTINUE, {"info": Box({"step": SAVE_STEP + NUM_CONTINUE, "rank": rank})},
+                      wait_for_previous=True)
             result["final_state"] = full_state(engine)
-        manager.wait()
+        ckpt.wait()
         torch.save(result, out_dir / f"{name}_{mode}_world{world}_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -172,7 +185,7 @@ def check_shrink(out_dir: Path, name: str, mode: str) -> None:
     saved_parts = [load_result(out_dir, name, mode, 2, r) for r in (0, 1)]
     loaded = load_result(out_dir, name, mode, 1, 0)
     assert loaded["step"] == SAVE_STEP and loaded["saved_world"] == 2
-    assert loaded["client_state"] == {"step": SAVE_STEP, "rank": 0}
+    assert loaded["info"] == {"step": SAVE_STEP, "rank": 0}
     saved = {**saved_parts[1]["state"], **saved_parts[0]["state"]}  # MoE: each rank holds its experts
     assert loaded["state"].keys() == saved.keys()
     for key, value in saved.items():
@@ -195,8 +208,10 @@ def test_zero123_saved_on_2_ranks_resume_on_1_rank(tmp_path, s3_bucket):
     # the universal form made by the first 1-rank resume is stored for the next one
     assert (Path(roots[0]) / "ckpt" / "step_00000003" / "universal" / "COMPLETE").is_file()
 
-    # back on 2 ranks: ZeRO-2/3 load the 1-rank checkpoint; ZeRO-1 tries the 2-rank one after a
-    # same-size corruption of the shard only rank 1 reads -- both ranks must fail, neither hang
+    # back on 2 ranks: ZeRO-2/3 load the 1-rank checkpoint; for ZeRO-1 the newest is the 2-rank
+    # step 3 with a same-size corruption of the shard only rank 1 reads -- both ranks fall back to
+    # step 2 together, neither hangs
+    shutil.rmtree(Path(roots[0]) / "ckpt" / f"step_{SAVE_STEP + NUM_CONTINUE:08d}")
     shard = Path(roots[0]) / "ckpt" / "step_00000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
@@ -206,13 +221,17 @@ def test_zero123_saved_on_2_ranks_resume_on_1_rank(tmp_path, s3_bucket):
         saved = load_result(tmp_path, f"zero{stage}", "mlp", 1, 0)
         for rank in (0, 1):
             grown = load_result(tmp_path, f"zero{stage}", "mlp_grow", 2, rank)
-            assert grown["step"] == SAVE_STEP + NUM_CONTINUE and grown["client_state"]["rank"] == 0
+            assert grown["step"] == SAVE_STEP + NUM_CONTINUE and grown["info"]["rank"] == 0
             assert grown["state"].keys() == saved["final_state"].keys()
             for key, value in saved["final_state"].items():
                 assert torch.equal(grown["state"][key], value), f"zero{stage} rank {rank}: {key} after 1 -> 2 ranks"
-    errors = [load_result(tmp_path, "zero1", "mlp_grow", 2, r).get("error", "") for r in (0, 1)]
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256" in errors[1]
-    assert "failed on other ranks" in errors[0] and "sha256" in errors[0]
+    for rank in (0, 1):
+        fallback = load_result(tmp_path, "zero1", "mlp_grow", 2, rank)
+        assert fallback["step"] == SAVE_STEP - 1 and fallback["info"] == {"step": SAVE_STEP - 1, "rank": rank}
+        saved = load_result(tmp_path, "zero1", "mlp", 2, 0)["state2"]  # a checkpoint holds rank 0's buffers
+        assert all(torch.equal(fallback["state"][key], value) for key, value in saved.items())
+    damaged = json.loads((Path(roots[0]) / "ckpt" / "step_00000003" / "DAMAGED").read_text())
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256" in damaged["reason"]
 
 
 def test_expert_parallel_moe_saved_on_2_ranks_resume_on_1_rank(tmp_path):

@@ -245,3 +245,25 @@ def test_text_tool_to_s3_and_token_loader_resume(s3_server, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(resumed, reference[3:]))
     with pytest.raises(ValueError, match="written with seq_len 32"):
         build_text_loader(uri, batch_size=2, seq_len=64, num_workers=0)
+
+
+def test_eval_set_reads_global_batches_by_index_with_and_without_workers(s3_images, tmp_path):
+    """pnet_dist.train.evaluate hands global batch b to rank b % world_size: a batch must be the
+    same samples whoever reads it, in any order, through loader workers or not."""
+    import torch
+    from pnet_dist.data import build_eval_set
+    uri = s3_images[0]
+    read = {}
+    for num_workers in (0, 2):
+        eval_set = build_eval_set(uri, batch_size=5, image_size=16, num_workers=num_workers,
+                                  cache_dir=str(tmp_path / f"cache{num_workers}"))
+        assert eval_set.num_samples == NUM_IMAGES
+        read[num_workers] = list(eval_set.batches([2, 0, 1], 12))   # out of order; 12 samples: the last is short
+        if num_workers == 0:
+            expected = [eval_set.dataset[i][1] for i in range(12)]  # sample i, by index
+        del eval_set
+    assert [len(labels) for _, labels in read[0]] == [2, 5, 5]
+    for (images_a, labels_a), (images_b, labels_b) in zip(read[0], read[2]):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    labels = torch.cat([read[0][1][1], read[0][2][1], read[0][0][1]]).tolist()  # batches 0, 1, 2
+    assert labels == expected and len(set(labels)) == 12  # every image is its own class

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pnet_dist.checkpoint import CheckpointManager
+from pnet_dist.checkpoint import CheckpointStore
+from pnet_dist.engine_checkpoint import EngineCheckpointer
 from pnet_dist.export import STATE_DICT_FILE, export_checkpoint, load_exported_state_dict
 from pnet_dist.models import create_model
 from pnet_dist.storage import open_storage
@@ -35,13 +36,27 @@ def train_and_save(model_name: str, stage: int, root: str, loss_fn, num_steps: i
     for step in range(num_steps):
         engine.backward(loss_fn(engine, torch.Generator().manual_seed(step)))
         engine.step()
-    manager = CheckpointManager(root, keep_last=1, async_upload=True, model_name=model_name)
+    ckpt = EngineCheckpointer(engine, CheckpointStore(root, keep_last=1), model_name=model_name)
+    ckpt.start({})
     ema = {name: t.detach() * 0.5 if t.is_floating_point() else t for name, t in engine.module.state_dict().items()}
-    manager.save(engine, num_steps, {"step": num_steps, "ema": ema})
-    manager.wait()
+    ckpt.save(num_steps, {"step": Saved(num_steps), "ema": Saved(ema)}, wait_for_previous=True)
+    ckpt.wait()
     expected = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
     expected.update({name: b.clone() for name, b in engine.module.named_buffers()})
     return expected
+
+
+class Saved:
+    """A Stateful holding one value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state) -> None:
+        self.value = state
 
 
 def image_loss(engine, gen):

@@ -1,4 +1,7 @@
 """Storage against a local folder and the real S3 HTTP server on 127.0.0.1."""
+import hashlib
+import os
+
 import pytest
 
 from pnet_dist.storage import RetryPolicy, Storage, open_storage, split_s3, with_retries
@@ -63,3 +66,22 @@ def test_missing_key_is_not_retried(tmp_path):
     storage = Storage(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         storage.get_bytes("absent")
+
+
+def test_upload_returns_the_sha256_of_what_it_read_and_move_removes_the_source(storage, tmp_path):
+    src = tmp_path / "big.bin"
+    data = os.urandom(1 << 20) * 19  # 19 MiB: three multipart parts on S3, read in order while hashed
+    src.write_bytes(data)
+    assert storage.put_file(src, "big.bin") == hashlib.sha256(data).hexdigest()
+    assert storage.move_file(src, "moved.bin") == hashlib.sha256(data).hexdigest() and not src.exists()
+    storage.get_file("moved.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == data
+    storage.delete("moved.bin")
+    storage.delete("moved.bin")  # already gone: no error
+    assert storage.list() == ["big.bin"]
+
+
+def test_create_exclusive_lets_one_writer_win(storage):
+    assert storage.create_exclusive(b"first", "fence/g1")
+    assert not storage.create_exclusive(b"second", "fence/g1")
+    assert storage.get_bytes("fence/g1") == b"first" and storage.list() == ["fence/g1"]

@@ -149,12 +149,13 @@ def s3_overrides(workdir: Path, family: str) -> list[str]:
     return common + ["model.name=llama_debug", "data.seq_len=32", "data.batch_size=4", "deepspeed.grad_accum_steps=1"]
 
 
-def kill_after_checkpoint(run_uri: str, step: int, at_item: int):
-    """SIGKILL this rank when it fetches item `at_item`, once checkpoint `step` is complete."""
+def kill_after_checkpoint(run_uri: str, at_item: int):
+    """SIGKILL this rank when it fetches item `at_item`, once some checkpoint is complete (a later
+    one may be uploading: the kill cuts it off, and the restart must skip it)."""
     def on_item(index, batch):
         if index == at_item:
-            from pnet_dist.storage import open_storage
-            while not open_storage(run_uri).exists(f"ckpt/step_{step:08d}/COMPLETE"):
+            from pnet_dist.checkpoint import CheckpointStore
+            while CheckpointStore(run_uri).latest_complete() is None:
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return batch
@@ -173,7 +174,7 @@ def scenario_s3_two_ranks(workdir: Path) -> dict:
     (workdir / "s3_two_ranks.json").write_text(json.dumps(results))
     bucket = json.loads((workdir / "s3.json").read_text())["bucket"]
     run("train_lm_debug.yaml", text + ["run_name=text_killed"],
-        kill_after_checkpoint(f"{bucket}/runs/text_killed", step=4, at_item=4))
+        kill_after_checkpoint(f"{bucket}/runs/text_killed", at_item=4))
     raise AssertionError("unreachable: the run kills itself at step 5")
 
 
@@ -181,6 +182,97 @@ def scenario_s3_one_rank(workdir: Path) -> dict:
     """Resume the killed 2-rank text run on 1 rank; 2-step accumulation keeps the global batch."""
     return {"resumed": run("train_lm_debug.yaml", s3_overrides(workdir, "text") + [
         "run_name=text_killed", "deepspeed.grad_accum_steps=2"])}
+
+
+# -- a resume on another world size: eval right after it equals eval on the saved world size ----
+WORLD_SIZE_LAYOUT = {  # family: (config, per world size: overrides keeping the global batch)
+    "vision": ("train_vision_debug.yaml", {1: ["deepspeed.grad_accum_steps=2"], 2: [],
+                                           4: ["data.batch_size=2"]}),
+    "lm": ("train_lm_debug.yaml", {1: ["deepspeed.grad_accum_steps=4"], 2: [], 4: ["deepspeed.grad_accum_steps=1"]}),
+}
+WORLD_SIZE_STEPS = 4
+
+
+def world_size_run(workdir: Path, family: str, name: str) -> dict:
+    """Train to (or, resumed there, only evaluate at) step WORLD_SIZE_STEPS on this world size."""
+    import torch.distributed as dist
+    config, layout = WORLD_SIZE_LAYOUT[family]
+    return run(config, layout[dist.get_world_size()] + [
+        f"checkpoint.uri={workdir / 'runs'}", f"run_name={name}", f"train.max_steps={WORLD_SIZE_STEPS}",
+        f"checkpoint.every_steps={WORLD_SIZE_STEPS}", "deepspeed.zero_stage=2"])
+
+
+def copy_run(workdir: Path, source: str, dest: str) -> None:
+    """A copy of a run folder to resume elsewhere (rank 0 copies; the others wait)."""
+    import shutil
+
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        shutil.copytree(workdir / "runs" / source, workdir / "runs" / dest, ignore=shutil.ignore_patterns(".staging"))
+    dist.barrier()
+
+
+def scenario_world_1(workdir: Path) -> dict:
+    """1 rank: train each family to step 4; later, resume the 2-rank runs (the `resume` pass)."""
+    return {family: world_size_run(workdir, family, f"ws_{family}_1") for family in WORLD_SIZE_LAYOUT}
+
+
+def scenario_world_2(workdir: Path) -> dict:
+    """2 ranks: the 1-rank runs resumed here, then each family trained to step 4 on 2 ranks; and
+    the uninterrupted run of the fencing test (one DeepSpeed start-up fewer)."""
+    results = {}
+    for family in WORLD_SIZE_LAYOUT:
+        copy_run(workdir, f"ws_{family}_1", f"ws_{family}_1to2")
+        results[f"{family}_1to2"] = world_size_run(workdir, family, f"ws_{family}_1to2")
+        results[family] = world_size_run(workdir, family, f"ws_{family}_2")
+    results["fence_reference"] = fence_run(workdir, "fence_reference")
+    return results
+
+
+def scenario_world_2to1(workdir: Path) -> dict:
+    results = {}
+    for family in WORLD_SIZE_LAYOUT:
+        copy_run(workdir, f"ws_{family}_2", f"ws_{family}_2to1")
+        results[family] = world_size_run(workdir, family, f"ws_{family}_2to1")
+    return results
+
+
+def scenario_world_2to4(workdir: Path) -> dict:
+    results = {}
+    for family in WORLD_SIZE_LAYOUT:  # the copy of the 2 -> 1 run: its universal form is reused
+        copy_run(workdir, f"ws_{family}_2to1", f"ws_{family}_2to4")
+        results[family] = world_size_run(workdir, family, f"ws_{family}_2to4")
+    return results
+
+
+# -- one writer per run folder: workers orphaned by a killed launcher are fenced out -------------
+FENCE_STEPS = 10
+
+
+def fence_run(workdir: Path, name: str, on_item=None) -> dict:
+    return run("train_vision_debug.yaml", [f"checkpoint.uri={workdir / 'runs'}", f"run_name={name}",
+                                           f"train.max_steps={FENCE_STEPS}", "checkpoint.every_steps=2"], on_item)
+
+
+def scenario_fence_orphans(workdir: Path) -> dict:
+    """The run whose launcher the test kills: once checkpoint 2 is saved, each rank waits (its pid
+    written for the test) until a new generation claims the run folder, then trains on."""
+    claim = workdir / "runs" / "fence_run" / "fence" / "generation_00000002.json"
+
+    def wait_for_the_new_generation(index, batch):
+        import torch.distributed as dist
+        if index == 2:  # the batch of step 3: checkpoint 2 is saved (and uploading)
+            (workdir / f"orphan_rank{dist.get_rank()}.pid").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 600
+            while not claim.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return batch
+    fence_run(workdir, "fence_run", wait_for_the_new_generation)
+    raise AssertionError("unreachable: a fenced writer must stop")
+
+
+def scenario_fence_resume(workdir: Path) -> dict:
+    return {"resumed": fence_run(workdir, "fence_run")}
 
 
 def main() -> None:
@@ -361,22 +453,127 @@ def test_real_image_loader_resumes_bit_for_bit(s3_runs):
 
 
 def test_s3_checkpoint_survives_sigkill_and_resumes_on_one_rank(s3_runs):
-    from pnet_dist.checkpoint import CheckpointManager
+    from pnet_dist.checkpoint import CheckpointStore
     bucket, killed, two_ranks, resumed = s3_runs
     straight = two_ranks["text_straight"]
     assert killed.returncode != 0                         # the killed launch really died
     assert straight["step"] == 8 and not straight["preempted"]
-    assert resumed["resumed_from"] == 4 and resumed["step"] == 8
-    manager = CheckpointManager(f"{bucket}/runs/text_killed")
-    assert manager.latest_complete() == 8 and manager.saved_world_size(8) == 1
+    # Checkpoint 2 was complete at the kill; 4 too, unless its upload was cut off (or skipped
+    # because 2 was still uploading at step 4).
+    assert resumed["resumed_from"] in (2, 4) and resumed["step"] == 8
+    store = CheckpointStore(f"{bucket}/runs/text_killed")
+    assert store.latest_complete() == 8 and store.manifest(8)["world_size"] == 1
     straight_losses, resumed_losses = steps(straight["losses"]), steps(resumed["losses"])
-    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert sorted(resumed_losses) == list(range(resumed["resumed_from"] + 1, 9))
     # The same global batch (the streaming loader hands one rank the samples two ranks shared)
     # from the same weights, optimizer state and position; a dense LM's loss does not depend on
     # how the batch is split, so only the summation order differs: agreement to rounding.
     for step in resumed_losses:
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
     assert math.isfinite(resumed["eval"]["model"]["loss"]) and resumed["eval"]["model"]["perplexity"] > 1
+
+
+@pytest.fixture(scope="module")
+def world_size_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("world_size")
+    started = time.monotonic()
+    one = launch_ok("world_1", workdir, nproc=1)
+    two = launch_ok("world_2", workdir, nproc=2)
+    two_to_one = launch_ok("world_2to1", workdir, nproc=1)
+    two_to_four = launch_ok("world_2to4", workdir, nproc=4)
+    print(f"world-size launches: {time.monotonic() - started:.1f}s")
+    return workdir, one, two, two_to_one, two_to_four
+
+
+@pytest.mark.parametrize("family", sorted(WORLD_SIZE_LAYOUT))
+def test_eval_right_after_a_resume_on_another_world_size_equals_eval_on_the_saved_one(world_size_runs, family):
+    """Weights, BatchNorm statistics and EMA come back on every load path (universal for the
+    vision model's ZeRO-2 files, the MoE format for the LM), and the eval set is the same
+    samples in the same batches at any world size: the figures agree bit for bit."""
+    _, one, two, two_to_one, two_to_four = world_size_runs
+    saved_on_1, saved_on_2 = one[family], two[family]
+    pairs = {"1 -> 2": (saved_on_1, two[f"{family}_1to2"]), "2 -> 1": (saved_on_2, two_to_one[family]),
+             "2 -> 4": (saved_on_2, two_to_four[family])}
+    for change, (saved, resumed) in pairs.items():
+        assert saved["step"] == resumed["step"] == resumed["resumed_from"] == WORLD_SIZE_STEPS, change
+        assert resumed["losses"] == {}, change                  # nothing trained: eval right after the resume
+        assert resumed["eval"] == saved["eval"], f"{family} {change}: {resumed['eval']} != {saved['eval']}"
+        print(f"WORLD-SIZE-TABLE | {family} | {change} | saved-on eval {json.dumps(saved['eval'])} | "
+              f"after resume {json.dumps(resumed['eval'])}")
+    samples = "samples" if family == "vision" else "tokens"
+    assert saved_on_2["eval"]["model"][samples] == (32 if family == "vision" else 8 * 32)
+    if family == "vision":
+        assert set(saved_on_2["eval"]) == {"model", "ema"}
+
+
+def test_orphans_of_a_killed_launcher_are_fenced_out_and_the_new_run_is_exact(world_size_runs):
+    """kill -9 of torchrun leaves its workers running (each in its own session). The same run
+    started again claims the run folder; the orphans stop at their next write attempt, nothing of
+    theirs lands after the claim, and the new run ends with the uninterrupted run's weights (that
+    run rode along in the 2-rank world-size launch)."""
+    import psutil
+    import torch
+    tmp_path, reference = world_size_runs[0], world_size_runs[2]["fence_reference"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PNET_LOG_LEVEL": "INFO"}
+    log_path = tmp_path / "orphans.log"
+    with open(log_path, "w") as log_file:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     str(Path(__file__)), "fence_orphans", str(tmp_path)], env=env, cwd=tmp_path,
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = tmp_path / "runs" / "fence_run"
+    deadline = time.monotonic() + 400
+    while not ((run_dir / "ckpt" / "step_00000002" / "COMPLETE").exists()
+               and all((tmp_path / f"orphan_rank{r}.pid").exists() for r in (0, 1))):
+        assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-6000:]
+        time.sleep(0.1)
+    orphans = [psutil.Process(int((tmp_path / f"orphan_rank{r}.pid").read_text())) for r in (0, 1)]
+    os.kill(launcher.pid, signal.SIGKILL)  # the launcher only, not its workers
+    launcher.wait()
+    transcript = [f"torchrun {launcher.pid} SIGKILLed; its workers {[p.pid for p in orphans]} still running: "
+                  f"{[p.is_running() for p in orphans]}"]
+    assert all(p.is_running() for p in orphans)
+    try:
+        resumed = launch_ok("fence_resume", tmp_path)["resumed"]
+        gone, alive = psutil.wait_procs(orphans, timeout=300)
+        assert not alive, f"orphans {alive} still running:\n{log_path.read_text()[-6000:]}"
+    finally:
+        for orphan in orphans:
+            if orphan.is_running():
+                orphan.kill()
+    claim = json.loads((run_dir / "fence" / "generation_00000002.json").read_text())
+    orphan_log = log_path.read_text()
+    fenced_lines = [line for line in orphan_log.splitlines() if "stops and writes nothing more" in line]
+    assert fenced_lines, orphan_log[-6000:]
+    assert "Traceback" in orphan_log and "checkpoint upload failed" in orphan_log  # they exited with the error
+    transcript += [f"new run claimed generation 2 (pid {claim['pid']}), resumed from step {resumed['resumed_from']}",
+                   *[line.strip()[:400] for line in fenced_lines], f"orphans exited: {[p.pid for p in gone]}"]
+
+    # Nothing of the orphans (generation 1) landed after the claim.
+    generation_2 = set()
+    for manifest_path in (run_dir / "ckpt").glob("step_*/MANIFEST.json"):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["generation"] == 2:
+            generation_2 |= {manifest_path.parent / rel for rel in [*manifest["files"], "MANIFEST.json", "COMPLETE",
+                                                                     "rank_00000.done", "rank_00001.done"]}
+    late = [p for p in (run_dir / "ckpt").rglob("*") if p.is_file() and p.stat().st_mtime > claim["claimed_unix"]]
+    assert late and set(late) <= generation_2, sorted(set(late) - generation_2)
+    old_receipts = sorted(receipt.parent.name for receipt in (run_dir / "ckpt").glob("step_*/rank_*.done")
+                          if json.loads(receipt.read_text())["generation"] == 1)
+    assert all(name <= "step_00000002" for name in old_receipts), old_receipts
+    transcript.append(f"{len(late)} files under ckpt/ written after the claim, all of generation 2's checkpoints; "
+                      f"generation 1's receipts only in {sorted(set(old_receipts))}")
+
+    # The new run continued exactly where the uninterrupted one went.
+    assert resumed["resumed_from"] == 2 and resumed["step"] == FENCE_STEPS
+    assert {**{s: v for s, v in steps(reference["losses"]).items() if s <= 2}, **steps(resumed["losses"])} == \
+        steps(reference["losses"])
+    assert resumed["eval"] == reference["eval"]
+    final = f"ckpt/step_{FENCE_STEPS:08d}/mp_rank_00_model_states.pt"
+    ours, theirs = (torch.load(tmp_path / "runs" / name / final, weights_only=False)["module"]
+                    for name in ("fence_run", "fence_reference"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    transcript.append(f"final weights at step {FENCE_STEPS}: {len(ours)} tensors bit-equal to the uninterrupted run")
+    print("FENCE-TRANSCRIPT\n" + "\n".join(transcript))
 
 
 def test_tensorboard_on_s3_holds_the_scalars(s3_runs):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pnet_dist.config import config_from_dict
-from pnet_dist.tasks import SyntheticLoader, build_model_kwargs, build_task, soft_target_cross_entropy
+from pnet_dist.tasks import SyntheticEvalSet, SyntheticLoader, build_model_kwargs, build_task, soft_target_cross_entropy
 
 pytestmark = pytest.mark.unit
 
@@ -116,16 +116,16 @@ def test_synthetic_loader_resumes_exactly_and_eval_sets_repeat():
     assert state == {"samples_consumed": 12}
     assert torch.equal(again[0], upcoming[0]) and torch.equal(again[1], upcoming[1])
     assert not torch.equal(first[0][0], first[1][0])
-    evaluation = SyntheticLoader(sample, 4, seed=2, num_batches=2)
-    assert len(evaluation) == 2
-    passes = [[b[0] for b in evaluation] for _ in range(2)]
-    assert len(passes[0]) == 2 and all(torch.equal(a, b) for a, b in zip(*passes))
+    evaluation = SyntheticEvalSet(sample, 4, seed=2, num_samples=10)
+    passes = [[b[0] for b in evaluation.batches([0, 1, 2], 10)] for _ in range(2)]
+    assert [len(b) for b in passes[0]] == [4, 4, 2] and all(torch.equal(a, b) for a, b in zip(*passes))
+    assert torch.equal(next(evaluation.batches([1], 10))[0], passes[0][1])  # a batch is found by its index
 
 
 def test_synthetic_eval_needs_a_size():
     task = build_task(make_cfg("image", data={"eval_uri": "synthetic:"}))
     task.build_model()
-    with pytest.raises(ValueError, match="train.eval_max_batches"):
+    with pytest.raises(ValueError, match="train.eval_max_samples"):
         task.build_loaders()
 
 
@@ -149,11 +149,11 @@ def test_evaluate_sums_over_batches():
     from pnet_dist.train import evaluate
     task = build_task(make_cfg("image"))
     model = task.build_model()
-    loader = SyntheticLoader(lambda g: (torch.randn(3, 32, 32, generator=g), torch.randint(10, (), generator=g)),
-                             4, seed=0, num_batches=3)
-    out = evaluate(task, model, loader, max_batches=None)
+    eval_set = SyntheticEvalSet(lambda g: (torch.randn(3, 32, 32, generator=g), torch.randint(10, (), generator=g)),
+                                4, seed=0, num_samples=12)
+    out = evaluate(task, model, eval_set, max_samples=None)
     assert out["samples"] == 12 and 0 <= out["top1"] <= out["top5"] <= 100 and model.training
-    assert evaluate(task, model, loader, max_batches=1)["samples"] == 4
+    assert evaluate(task, model, eval_set, max_samples=5)["samples"] == 5  # a short last batch
 
 
 def test_sigterm_requests_a_stop_and_the_handler_is_restored():

@@ -10,19 +10,24 @@ Rows (ratios, each the median of --repeats measurements):
                          GPU host the background work runs on otherwise idle cores; on this
                          2-core CPU-only machine it takes CPU from the training loop itself (and
                          so does the moto server, which stands in for remote S3).
-  upload throughput      bytes/s of CheckpointManager's upload of one checkpoint whose files are
-                         written (upload with sha256 beside it, receipt, MANIFEST, COMPLETE;
-                         CheckpointManager.last_upload_stats; the pruning of old checkpoints
-                         after COMPLETE is printed apart) over bytes/s of a raw
-                         boto3 upload_file of the same files, one after the other (the order of
-                         the two alternates between repeats). Target >= 0.9.
+  upload throughput      bytes/s of our upload of one checkpoint whose files are written (the
+                         uploads with the sha256 taken from the bytes as they are read, receipt,
+                         MANIFEST, COMPLETE; CheckpointStore.last_upload_stats; the pruning of old
+                         checkpoints after COMPLETE is printed apart) over bytes/s of a raw boto3
+                         upload_file of the same files, one after the other (the order of the two
+                         alternates between repeats). Target >= 0.9.
+  step rate in outage    training steps/s while the checkpoint prefix is unreachable for
+                         --outage-s seconds (pnet_dist.faults.OutageProxy between the checkpointer
+                         and moto resets every connection) right as a checkpoint starts uploading,
+                         over steps/s with storage up and no checkpoint in flight; the checkpoint
+                         must complete once the outage is over. Target >= 0.9.
 
 A moto S3 server is started on 127.0.0.1 in its own process (it would otherwise share the GIL with
 the training loop). One DeepSpeed rank (ZeRO-1, gloo, torch AdamW) trains an MLP on one torch
 thread, as a GPU job's host thread would leave CPU to I/O; on this CPU-only machine every cycle the
 upload (sha256, HTTP) and the moto server take still slows the training loop, and counts as stall.
 
-    python tools/bench_checkpoint.py [--params-m 12] [--repeats 5] [--rows-json]
+    python tools/bench_checkpoint.py [--params-m 12] [--repeats 5] [--outage-s 60] [--rows-json]
 
 tools/bench_engine.py runs this script too (with --rows-json) and prints its rows in its own table.
 """
@@ -97,14 +102,72 @@ def stall_of_one_async_checkpoint(engine, width: int, manager, step: int, num_ba
     against the median step just before."""
     base_s = statistics.median(step_times(engine, width, num_base_steps))
     started = time.perf_counter()
-    manager.save(engine, step, {"step": step})
+    manager.save(step, {"step": Value(step)}, wait_for_previous=True)
     blocking = time.perf_counter() - started
     lost = blocking
-    while manager.uploading():
+    while manager.store.busy():
         lost += step_times(engine, width, 1)[0] - base_s
     started = time.perf_counter()
     manager.wait()
     return blocking, lost + time.perf_counter() - started
+
+
+class Value:
+    """A Stateful holding one value (what the bench saves beside the engine)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state) -> None:
+        self.value = state
+
+
+def checkpointer(engine, uri: str, async_upload: bool, endpoint: str | None = None):
+    """An EngineCheckpointer that has claimed its run folder (and made its S3 client)."""
+    from pnet_dist.checkpoint import CheckpointStore
+    from pnet_dist.engine_checkpoint import EngineCheckpointer
+    from pnet_dist.storage import s3_client
+    store = CheckpointStore(uri, keep_last=1, async_upload=async_upload)
+    if endpoint is not None:
+        saved = os.environ["AWS_ENDPOINT_URL_S3"]
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        store.storage._client = s3_client()
+        os.environ["AWS_ENDPOINT_URL_S3"] = saved
+    ckpt = EngineCheckpointer(engine, store)
+    ckpt.start({})
+    return ckpt
+
+
+def step_rate_in_outage(engine, width: int, endpoint: str, outage_s: float) -> tuple[float, float]:
+    """(steps/s during an outage of the checkpoint prefix that starts with a checkpoint, steps/s
+    with storage up and no checkpoint in flight)."""
+    from pnet_dist.faults import OutageProxy
+    proxy = OutageProxy(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        ckpt = checkpointer(engine, "s3://bench/outage", async_upload=True, endpoint=proxy.endpoint)
+
+        def steps_per_s(seconds: float, checkpoint_at: int | None = None) -> float:
+            started, num_steps = time.perf_counter(), 0
+            if checkpoint_at is not None:
+                ckpt.save(checkpoint_at, {"step": Value(checkpoint_at)}, wait_for_previous=False)
+            while time.perf_counter() - started < seconds:
+                step_times(engine, width, 1)
+                num_steps += 1
+            return num_steps / (time.perf_counter() - started)
+
+        normal = steps_per_s(outage_s)
+        proxy.set_mode("refuse")
+        in_outage = steps_per_s(outage_s, checkpoint_at=1)
+        assert ckpt.store.busy(), "the checkpoint finished during the outage: the outage did not hold it"
+        proxy.set_mode("pass")
+        ckpt.wait()
+        assert ckpt.store.latest_complete() == 1, "the checkpoint did not complete after the outage"
+        return in_outage, normal
+    finally:
+        proxy.close()
 
 
 def main() -> None:
@@ -112,6 +175,8 @@ def main() -> None:
     parser.add_argument("--params-m", type=float, default=12.0, help="model size in millions of parameters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--base-steps", type=int, default=10, help="steps timed before each checkpoint")
+    parser.add_argument("--outage-s", type=float, default=60.0,
+                        help="length of the storage outage (and of the normal-rate window before it)")
     parser.add_argument("--rows-json", action="store_true",
                         help="also print the rows as one 'BENCH_ROWS <json>' line (read by bench_engine.py)")
     args = parser.parse_args()
@@ -128,7 +193,6 @@ def main() -> None:
         import torch.distributed as dist
         from boto3.s3.transfer import TransferConfig
 
-        from pnet_dist.checkpoint import CheckpointManager
         dist.init_process_group("gloo")
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="bench")
@@ -141,14 +205,12 @@ def main() -> None:
         num_bytes = 0
         for repeat in range(args.repeats):
             # synchronous save: what the training loop would wait for without the background upload
-            sync = CheckpointManager(f"s3://bench/sync{repeat}", keep_last=1, async_upload=False)
-            sync.latest_complete()  # as the engine does at start (resume); creates the S3 client
+            sync = checkpointer(engine, f"s3://bench/sync{repeat}", async_upload=False)
             started = time.perf_counter()
-            sync.save(engine, next(counter), {"step": 0})
+            sync.save(next(counter), {"step": Value(0)}, wait_for_previous=True)
             sync_s.append(time.perf_counter() - started)
 
-            manager = CheckpointManager(f"s3://bench/async{repeat}", keep_last=1, async_upload=True)
-            manager.latest_complete()
+            manager = checkpointer(engine, f"s3://bench/async{repeat}", async_upload=True)
             blocked_s, lost_s = stall_of_one_async_checkpoint(engine, width, manager, next(counter), args.base_steps)
             blocking.append(blocked_s)
             stall.append(lost_s)
@@ -158,7 +220,7 @@ def main() -> None:
             step = next(counter)
 
             def ours() -> None:
-                manager.save(engine, step, {"step": step})
+                manager.save(step, {"step": Value(step)}, wait_for_previous=True)
                 manager.wait()
                 ours_s.append(manager.last_upload_stats["upload_s"])
                 prune_s.append(manager.last_upload_stats["prune_s"])
@@ -185,6 +247,7 @@ def main() -> None:
                 assert abs(sum(p.stat().st_size for p in files) - num_bytes) < 0.01 * num_bytes, "baseline bytes differ"
             shutil.rmtree(Path(tempfile.gettempdir()) / "pnet_dist_staging", ignore_errors=True)
 
+        outage_rate, normal_rate = step_rate_in_outage(engine, width, endpoint, args.outage_s)
         sync_med, stall_med, blocking_med = statistics.median(sync_s), statistics.median(stall), statistics.median(blocking)
         ours_med, raw_med = statistics.median(ours_s), statistics.median(raw_s)
         print(f"load average (1 min) at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f}")
@@ -198,6 +261,8 @@ def main() -> None:
               f"{sync_med:.3f} s | {stall_med / sync_med:.3f} | (explains the row above) |")
         print(f"| upload throughput vs raw boto3 upload_file | {num_bytes / ours_med / 1e6:.1f} MB/s | "
               f"{num_bytes / raw_med / 1e6:.1f} MB/s | {raw_med / ours_med:.3f} | >= 0.9 |")
+        print(f"| training steps/s during a {args.outage_s:g} s outage of the checkpoint prefix vs storage up | "
+              f"{outage_rate:.2f} | {normal_rate:.2f} | {outage_rate / normal_rate:.3f} | >= 0.9 |")
         if args.rows_json:
             mb = num_bytes / 1e6
             rows = [  # name, ours, baseline, unit, ratio, target (op, value)
@@ -206,7 +271,9 @@ def main() -> None:
                 ("  same, plus CPU the background upload and moto take from the loop", stall_med, sync_med, "s",
                  stall_med / sync_med, None),
                 (f"checkpoint {mb:.0f} MB: upload throughput, ours / raw boto3", mb / ours_med, mb / raw_med, "MB/s",
-                 raw_med / ours_med, [">=", 0.9])]
+                 raw_med / ours_med, [">=", 0.9]),
+                (f"training steps/s in a {args.outage_s:g} s checkpoint-storage outage / storage up", outage_rate,
+                 normal_rate, "st/s", outage_rate / normal_rate, [">=", 0.9])]
             print("BENCH_ROWS " + json.dumps(rows), flush=True)
         print(f"\nraw seconds: sync {[round(s, 3) for s in sync_s]}, blocked {[round(s, 3) for s in blocking]}, "
               f"stall {[round(s, 3) for s in stall]}, "

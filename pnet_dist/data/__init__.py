@@ -7,6 +7,7 @@ The public names are imported lazily so that `import pnet_dist.data` stays cheap
     build_image_loader(uri, *, train, batch_size, image_size, ...)  -> loader of (uint8 images, labels_B, ...);
                                                                        device_pipeline turns them into model input
     build_text_loader(uri, *, batch_size, seq_len, ...)             -> loader of (input_ids_BT, labels_BT)
+    build_eval_set(uri, *, batch_size, ...)                         -> eval set: the same batches at any world size
     mixup_cutmix(images, labels, num_classes, *, ..., generator)    -> (images, soft_targets_BK)
     dataset_info(uri)                                               -> dict from <uri>/dataset.json
 """
@@ -19,6 +20,7 @@ _EXPORTS = {
     "convert_images": "pnet_dist.data.images",
     "build_text_loader": "pnet_dist.data.text",
     "convert_text": "pnet_dist.data.text",
+    "build_eval_set": "pnet_dist.data.evaluation",
     "mixup_cutmix": "pnet_dist.data.augment",
     "dataset_info": "pnet_dist.data.shards",
     "clean_stale_shared_memory": "pnet_dist.data.shards",

@@ -181,7 +181,7 @@ class FfcvImageLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sample_in_epoch and not self._resuming:
-            # The last iteration was left early (an eval capped at eval_max_batches): start afresh.
+            # The last iteration was left early (the caller stopped early): start afresh.
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
         self._resuming = False
         self.order.resume_at = (self.epoch, self.sample_in_epoch)
@@ -208,6 +208,55 @@ class FfcvImageLoader:
             log.warning("ffcv loader: resuming epoch %d after its first %d samples; the same samples follow in "
                         "the same order, but ffcv's random crops and flips are not seeded, so the run is not "
                         "bit-identical to an uninterrupted one", self.epoch, self.sample_in_epoch)
+
+
+class FfcvEvalSet:
+    """An ffcv dataset as an eval set (pnet_dist.data.evaluation's interface): global batch b is
+    samples [b*B, (b+1)*B) in stored order, center-cropped, at any number of ranks."""
+
+    def __init__(self, beton: str, num_samples: int, *, batch_size: int, image_size: int, crop_pct: float,
+                 num_workers: int):
+        self.beton, self.num_samples, self.batch_size = beton, num_samples, batch_size
+        self.image_size, self.crop_pct, self.num_workers = image_size, crop_pct, num_workers
+
+    def batches(self, indices: list[int], num_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Global batches `indices` of the first num_samples samples, in that order: one ffcv Loader
+        over their samples, re-cut into those batches (a short last batch or a repeated batch 0 would
+        not line up with the Loader's own batches)."""
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToTensor
+        sizes = [len(range(b * self.batch_size, min(num_samples, (b + 1) * self.batch_size))) for b in indices]
+        ids = [i for b in indices for i in range(b * self.batch_size, min(num_samples, (b + 1) * self.batch_size))]
+        if not ids:
+            return
+        loader = Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.num_workers),
+                        order=OrderOption.SEQUENTIAL, drop_last=False, indices=ids,
+                        pipelines={"image": [CenterCropRGBImageDecoder((self.image_size, self.image_size),
+                                                                       ratio=self.crop_pct), ToTensor()],
+                                   "label": [IntDecoder(), ToTensor()]})
+        pending_images, pending_labels, size_iter = [], [], iter(sizes)
+        want = next(size_iter)
+        for images_BHWC, labels_B1 in loader:
+            pending_images.append(images_BHWC.permute(0, 3, 1, 2).clone())   # ffcv reuses its buffers
+            pending_labels.append(labels_B1.view(-1).long().clone())
+            images, labels = torch.cat(pending_images), torch.cat(pending_labels)
+            while want is not None and len(labels) >= want:
+                yield normalize_batch(images[:want]), labels[:want]
+                images, labels = images[want:], labels[want:]
+                want = next(size_iter, None)
+            pending_images, pending_labels = [images], [labels]
+
+
+def build_ffcv_eval_set(uri: str, *, batch_size: int, image_size: int = 224, crop_pct: float = 0.875,
+                        num_workers: int = 1, cache_dir: str | None = None) -> FfcvEvalSet:
+    """The ffcv dataset at uri (local or s3://) as an eval set; see FfcvEvalSet."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    beton = local_beton(uri, cache_dir)
+    return FfcvEvalSet(beton, int(dataset_info(uri)["num_samples"]), batch_size=batch_size, image_size=image_size,
+                       crop_pct=crop_pct, num_workers=num_workers)
 
 
 def build_ffcv_image_loader(uri: str, *, train: bool, batch_size: int, image_size: int = 224,
