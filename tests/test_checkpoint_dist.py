@@ -49,7 +49,6 @@ def moe_engine(ep_size: int, grad_accum: int):
     from pnet_dist.models import create_model
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": grad_accum,
               "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
-    moe_deepspeed.check_moe_deepspeed_config(config, ep_size)
     model = create_model("pnet_llama_debug_up_e4")
     moe_deepspeed.setup_expert_parallel(model, ep_size)
     groups = moe_deepspeed.moe_param_groups([{"params": list(model.parameters()), "name": "all"}])
