@@ -55,8 +55,9 @@ class DataConfig:
     shuffle_seed: int = 42
     num_canonical_nodes: Optional[int] = None
     cache_dir: Optional[str] = None
-    decode_device: Literal["auto", "cpu", "cuda"] = "auto"   # JPEG decode: loader workers (cpu) or the GPU (cuda);
-                                                             # auto: cuda where the rank trains on a GPU
+    # JPEG decode: loader workers (cpu) or the GPU (cuda, nvJPEG); auto: cuda where the rank trains on a
+    # GPU. cpu by default until the GPU path has been measured on a GPU (README: Known limitations).
+    decode_device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 @dataclass

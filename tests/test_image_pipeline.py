@@ -199,9 +199,12 @@ def test_decode_on_cuda_without_a_gpu_is_a_clear_error():
                                         "data": {"train_uri": "data/train", "decode_device": "cuda"}}))
     with pytest.raises(ValueError, match="data.decode_device=cuda but this rank trains on cpu"):
         task._decode_on_device()
+    default = build_task(config_from_dict({"run_name": "x", "model": {"name": "parameternet_debug"},
+                                           "data": {"train_uri": "data/train"}}))
+    assert default.cfg.data.decode_device == "cpu" and default._decode_on_device() is False
     auto = build_task(config_from_dict({"run_name": "x", "model": {"name": "parameternet_debug"},
-                                        "data": {"train_uri": "data/train"}}))
-    assert auto.cfg.data.decode_device == "auto" and auto._decode_on_device() is False
+                                        "data": {"train_uri": "data/train", "decode_device": "auto"}}))
+    assert auto._decode_on_device() is False
 
 
 # -- on a GPU ----------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 One torchrun launch runs many scenarios in one process group (DeepSpeed start-up is the cost),
 each scenario calling pnet_dist.train.train_worker like Ray Train or torchrun would:
-  - ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4} (fp32 and bf16), and the MoE model
-    with expert parallelism 2: N steps straight vs N/2 steps, SIGTERM (to rank 1 only), resume:
-    the losses and the final eval agree bit for bit; two of them also with activation
+  - ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4 (ZeRO-3: the dense llama_debug)}
+    (fp32 and bf16), and the MoE model with expert parallelism 2: N steps straight vs N/2 steps,
+    SIGTERM (to rank 1 only), resume: the losses and the final eval agree bit for bit; two of them also with activation
     checkpointing, which must change no bit either;
   - a NaN batch (ZeRO-1 fp32, ZeRO-3 bf16): the step is skipped (weights, optimizer, BatchNorm
     statistics, EMA untouched), so the run equals one that never saw the batch; a NaN streak
@@ -42,7 +42,9 @@ MATRIX = {
     "vision_z3_fp32": ("train_vision_debug.yaml", ["deepspeed.zero_stage=3", "train.ema_decay=null"]),
     "lm_z1_bf16": ("train_lm_debug.yaml", ["deepspeed.zero_stage=1", "deepspeed.precision=bf16"]),
     "lm_z2_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=2"]),
-    "lm_z3_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=3"]),
+    # ZeRO-3 on the dense LLaMA: config refuses ZeRO-3 for MoE models (their experts shard by
+    # expert parallelism instead, see lm_ep2_z2_fp32).
+    "lm_dense_z3_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=3", "model.name=llama_debug"]),
     # expert parallelism: each rank holds 2 of the 4 experts (pnet_dist.moe_deepspeed)
     "lm_ep2_z2_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=2", "deepspeed.ep_size=2"]),
 }
