@@ -353,11 +353,17 @@ class BatchStream:
     def next(self, count: int) -> tuple[float, list]:
         started = time.perf_counter()
         batches = []
+        fresh = False  # the iterator was just started: an epoch with no batch would loop forever
         while len(batches) < count:
             try:
                 batches.append(next(self.iterator))
+                fresh = False
             except StopIteration:
+                if fresh:
+                    raise ValueError("the training data yields no batch in a whole epoch: lower data.batch_size, "
+                                     "train on fewer ranks, or use more data") from None
                 self.iterator = iter(self.loader)
+                fresh = True
         return time.perf_counter() - started, batches
 
 
