@@ -25,7 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +33,7 @@ SEED = 12               # plan: steps SIGTERM, resume SIGKILL, save SIGKILL, set
 NUM_KILLS = 4            # one per round: set-up, resume, steps, save, in a seeded order
 MAX_STEPS = 60
 EVERY_STEPS = 2
-JOB = ["train.max_steps=%d" % MAX_STEPS, "checkpoint.every_steps=%d" % EVERY_STEPS, "checkpoint.keep_last=3",
+JOB = [f"train.max_steps={MAX_STEPS}", f"checkpoint.every_steps={EVERY_STEPS}", "checkpoint.keep_last=3",
        "train.log_every_steps=1"]
 
 
