@@ -6,8 +6,10 @@ credentials -- with a message that names the file, key, value or record and says
 `run` prints that message as one line on stderr and exits with status 2 (as argparse does for a bad
 option). So do a missing file (FileNotFoundError) and a refused one (PermissionError). `--debug`
 anywhere on the command line, or PNET_LOG_LEVEL=DEBUG, prints the traceback as well. Ctrl-C ends
-with status 130 and no traceback. Any other exception is a bug, not the user's input, and keeps
-its traceback.
+with status 130 and no traceback. A training run stopped by SIGTERM or a spot notice, after it
+saved its checkpoint, ends with status 75 (EXIT_PREEMPTED, sysexits' EX_TEMPFAIL: "try again"), so
+that `torchrun --max-restarts` and batch schedulers start it again instead of taking it as done. Any other exception is a bug, not the user's input, and keeps
+its traceback. The one-line message has the user info of any URI in it redacted (log.redact_uris).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import sys
 import traceback
 from typing import Callable
 
+from pnet_dist.log import redact_uris
+
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75   # sysexits EX_TEMPFAIL: stopped by SIGTERM / a spot notice after a checkpoint; run it again
 EXIT_INTERRUPTED = 130
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 DEBUG_HELP = "Add --debug (or set PNET_LOG_LEVEL=DEBUG) to see the traceback of an error."
@@ -24,8 +29,9 @@ DEBUG_HELP = "Add --debug (or set PNET_LOG_LEVEL=DEBUG) to see the traceback of 
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line: a multi-line message joined with ' | ', or, when it carries
-    a traceback (torch's DataLoader re-raises a loader process's error with it), its last line."""
-    lines = [line.strip() for line in (str(error) or type(error).__name__).splitlines() if line.strip()]
+    a traceback (torch's DataLoader re-raises a loader process's error with it), its last line;
+    credentials in a URI are redacted."""
+    lines = [line.strip() for line in redact_uris(str(error) or type(error).__name__).splitlines() if line.strip()]
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         return lines[-1]
     return " | ".join(lines)

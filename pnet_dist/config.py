@@ -8,12 +8,19 @@ Overrides are "a.b=value" with the value parsed as a YAML scalar ("optim.lr=3e-4
 "deepspeed.raw.zero_optimization.overlap_comm=true"). Keys under dict-typed fields (model.kwargs,
 deepspeed.raw) are free-form; everywhere else an unknown key is an error.
 
+Credentials never travel through a config: a URI with user info (s3://KEY:SECRET@bucket) in any
+key that takes a URI or path, and a credential-looking key (secret, password, token, access key,
+...) under model.kwargs or deepspeed.raw -- both copied verbatim into config.yaml and every
+checkpoint -- are refused, naming the key and never repeating the value.
+
 Only this module, storage and log sit below it: it imports no torch, deepspeed or ray.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +166,45 @@ _RAW_OWNED = {
 }
 
 
+# Keys under the free-form mappings that name a credential: any of these words in the key, or a
+# token that authenticates ("hf_token", "auth_token", a bare "token"; not "pad_token_id").
+_CREDENTIAL_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials",
+                     "apikey", "accesskey", "privatekey"}
+_CREDENTIAL_PAIRS = {("access", "key"), ("api", "key"), ("private", "key"), ("secret", "key"),
+                     ("session", "token"), ("access", "token"), ("auth", "token"), ("api", "token"),
+                     ("bearer", "token"), ("hf", "token"), ("refresh", "token"), ("id", "token")}
+
+
+def credential_key(key: str) -> bool:
+    """True if a mapping key names a credential (see _CREDENTIAL_WORDS / _CREDENTIAL_PAIRS)."""
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", str(key))]
+    return (any(w in _CREDENTIAL_WORDS for w in words) or words == ["token"]
+            or any(pair in _CREDENTIAL_PAIRS for pair in itertools.pairwise(words)))
+
+
+def _credential_keys(node: Any, where: str) -> list[str]:
+    """Dotted paths of every credential-looking key in a nested mapping (lists walked too)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{where}.{key}"
+            if credential_key(key):
+                found.append(dotted)
+            found += _credential_keys(value, dotted)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _credential_keys(value, f"{where}[{i}]")
+    return found
+
+
+def _uri_keys(cfg: JobConfig) -> dict[str, str | None]:
+    """Every config key that holds a URI or a path, with its value."""
+    return {"checkpoint.uri": cfg.checkpoint.uri, "data.train_uri": cfg.data.train_uri,
+            "data.eval_uri": cfg.data.eval_uri, "data.cache_dir": cfg.data.cache_dir,
+            "metrics.logdir": cfg.metrics.logdir, "train.init_from": cfg.train.init_from,
+            "scaling.ray_address": cfg.scaling.ray_address}
+
+
 # -- loading ---------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> JobConfig:
     """Read the job YAML at `path`, apply "a.b=value" overrides, and return the validated config."""
@@ -218,6 +264,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
     """Typed, validated JobConfig from a plain dict (as read from YAML)."""
     cfg = _build(JobConfig, raw, source, "")
     _check_required(cfg, source)
+    _refuse_credentials(cfg, source)  # before anything derives a URI from them (metrics.logdir)
     _resolve_defaults(cfg)
     validate(cfg, source)
     return cfg
@@ -317,6 +364,18 @@ def _check_required(cfg: JobConfig, source: str) -> None:
                        ("data.train_uri", cfg.data.train_uri)):
         if value == _MISSING_REQUIRED:
             raise ValueError(f"{source}: {key} is required")
+
+
+def _refuse_credentials(cfg: JobConfig, source: str) -> None:
+    for key, uri in _uri_keys(cfg).items():
+        if uri is not None:
+            storage.refuse_credentials(uri, f"{source}: {key}")
+    for where, mapping in (("model.kwargs", cfg.model.kwargs), ("deepspeed.raw", cfg.deepspeed.raw)):
+        found = _credential_keys(mapping, where)
+        if found:
+            raise ValueError(f"{source}: {found[0]}: looks like a credential; remove it: {where} is copied verbatim "
+                             "into config.yaml and every checkpoint. Give credentials to the processes through "
+                             "their environment (the AWS chain: environment variables, ~/.aws, the instance role)")
 
 
 def _resolve_defaults(cfg: JobConfig) -> None:

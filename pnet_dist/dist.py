@@ -1,7 +1,14 @@
 """Rank/world helpers over torch.distributed: set-up from the environment, collectives on scalars.
 
 Owns process-group set-up for the two ways a run starts: torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT, LOCAL_RANK in the environment) and Ray Train (the group already exists). A plain
+MASTER_PORT, LOCAL_RANK in the environment) and Ray Train (the group already exists).
+
+torchrun --max-restarts: by default the workers of every restart round build their process group
+in the rendezvous's shared TCP store under the same keys as the round before, so a restarted gloo
+group reads the dead round's addresses ("Gloo connectFullMesh failed ... Connection refused,
+remote=[127.0.0.1]:<port of the previous round>") and every restart fails. With
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment each round gets a store of its own,
+and restarts resume. A run with restarts but without that setting is refused at start, naming it. A plain
 `python -m pnet_dist.train` without either runs as a world of one on 127.0.0.1. Teardown destroys
 only a group this module created, after an explicit barrier (without it ~1 in 8 two-rank gloo
 runs aborted at exit, see STACK.md).
@@ -27,6 +34,7 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         # DeepSpeed insists on LOCAL_RANK; a group made by another launcher may not have set it.
         os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
         return
+    check_torchrun_restarts(os.environ)
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
@@ -35,6 +43,15 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         torch.cuda.set_device(get_local_rank())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     _CREATED_HERE = True
+
+
+def check_torchrun_restarts(env) -> None:
+    """ValueError if torchrun may restart this worker group into its shared store (see the docstring)."""
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
+                         "with the shared rendezvous store every restarted group fails to connect (it reads the "
+                         "previous round's addresses). Run: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
+                         "--max-restarts=N ... -m pnet_dist.train JOB.yaml (see README, Preemption and resume)")
 
 
 def teardown() -> None:

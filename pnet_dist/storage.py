@@ -2,9 +2,12 @@
 
 boto3 lives here and nowhere else. S3 endpoints come from the standard AWS configuration
 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, profiles, instance roles); credentials are never taken
-as arguments, so they cannot end up in a config file or a log. Every S3 call is retried with
-exponential backoff and bounded by a total time-out, because transient S3 errors must not kill a
-month-long run (ray #47939).
+as arguments, so they cannot end up in a config file or a log; a URI that carries them
+(s3://KEY:SECRET@bucket) is refused with a message that does not repeat them. S3 calls that fail
+for a transient reason (no connection, time-outs, 5xx, throttling: 429, SlowDown, RequestTimeout)
+are retried with exponential backoff, bounded by a total time-out, because transient S3 errors must
+not kill a month-long run (ray #47939). A request S3 (or botocore) rejects for what it is -- invalid
+parameters, any other 4xx -- fails at once: no retry can fix it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from pnet_dist.log import get_logger
+from pnet_dist.log import get_logger, has_userinfo, redact_uris
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -35,10 +38,19 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def refuse_credentials(uri: str, where: str) -> None:
+    """ValueError (naming `where`, not the secret) if the URI carries user info."""
+    if has_userinfo(uri):
+        raise ValueError(f"{where}: {redact_uris(uri)} carries credentials before '@'; remove them from the URI: "
+                         "credentials come from the standard AWS chain (environment variables, ~/.aws, the "
+                         "instance role), never from a URI, which is written into logs, config.yaml and checkpoints")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise ValueError(f"not an s3:// URI: {redact_uris(uri)!r}")
+    refuse_credentials(uri, "s3 URI")
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}; write s3://BUCKET/prefix")
@@ -54,8 +66,34 @@ class RetryPolicy:
     timeout_s: float = 600.0
 
 
+class RequestRejected(ValueError):
+    """S3 (or botocore, before sending) rejected a request for what it is: not retried."""
+
+
+# Client errors (4xx) that a later attempt can get past: throttling and time-outs.
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "RequestThrottled",
+                    "TooManyRequestsException", "RequestLimitExceeded", "OperationAborted"}
+_TRANSIENT_STATUS = {408, 429}
+
+
+def rejection(exc: BaseException) -> str | None:
+    """Why no retry can fix `exc` (e.g. 'InvalidBucketName, HTTP 400'), or None if it may be transient."""
+    from botocore.exceptions import ClientError, ParamValidationError
+    if isinstance(exc, ParamValidationError):
+        return "invalid request parameters"
+    if isinstance(exc, (TypeError, ValueError)):  # botocore checks of the endpoint, region, arguments
+        return type(exc).__name__
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if 400 <= status < 500 and status not in _TRANSIENT_STATUS and code not in _TRANSIENT_CODES:
+            return f"{code or 'client error'}, HTTP {status}"
+    return None
+
+
 def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy()) -> T:
-    """Call fn until it succeeds, the attempts run out, or the time-out passes."""
+    """Call fn until it succeeds, the attempts run out, or the time-out passes; an error no retry
+    can fix (see `rejection`) raises RequestRejected at once (PermissionError for access denied)."""
     start = time.monotonic()
     for attempt in range(1, policy.max_attempts + 1):
         try:
@@ -63,6 +101,12 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPoli
         except (FileNotFoundError, PermissionError):  # no retry fixes a missing key or a denied read
             raise
         except Exception as exc:  # noqa: BLE001 -- any transport error is worth a retry
+            reason = rejection(exc)
+            if reason is not None:
+                if reason.endswith("HTTP 403"):
+                    raise PermissionError(f"{what}: access denied ({reason})") from exc
+                raise RequestRejected(f"{what} was rejected ({reason}; not retried, no retry can fix it): "
+                                      f"{exc}") from exc
             elapsed = time.monotonic() - start
             delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
             if attempt == policy.max_attempts or elapsed + delay > policy.timeout_s:
@@ -76,6 +120,7 @@ class Storage:
     """Files under a root that is a local folder or an s3:// prefix. Keys are '/'-separated."""
 
     def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+        refuse_credentials(root, "storage root")
         self.root = root.rstrip("/")
         self.retry = retry
         self._client = None

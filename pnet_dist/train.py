@@ -23,7 +23,9 @@ What the loop guarantees:
   background; while an upload is still running the next periodic checkpoint is skipped.
 - Preemption: SIGTERM (Ray, spot termination, torchrun forwarding it) or a spot interruption
   notice sets a flag; the ranks agree on it in the step's one collective, finish that step,
-  checkpoint, and return with result["preempted"] = True.
+  checkpoint, and return with result["preempted"] = True (`python -m pnet_dist.train` then
+  exits with cli.EXIT_PREEMPTED, 75). During set-up SIGTERM keeps its default action: the process
+  ends at once, with nothing to save.
 - Non-finite loss: the step is skipped (DeepSpeed's overflow check discards the gradients; see
   engine.poison_nonfinite) and counted; after train.max_nonfinite_in_row skipped steps in a row
   the weights, optimizer and counters are reloaded from the last complete checkpoint while the
@@ -126,10 +128,13 @@ def train_worker(cfg: JobConfig, task=None) -> dict:
 
     `task` defaults to build_task(cfg); tests pass one whose loaders they wrap.
     """
-    stop_signals = StopSignals(cfg.train.watch_spot_interruption)  # a SIGTERM during set-up counts too
+    # The SIGTERM handler comes only after set-up: a rank waiting in set-up (the process group's
+    # rendezvous, DeepSpeed's start-up) for a peer that died must obey the launcher's SIGTERM at
+    # once -- there is nothing to save yet -- rather than wait for a step that never comes.
+    dist.init_distributed()
+    trainer = Trainer(cfg, task or build_task(cfg))
+    stop_signals = StopSignals(cfg.train.watch_spot_interruption)
     try:
-        dist.init_distributed()
-        trainer = Trainer(cfg, task or build_task(cfg))
         try:
             result = trainer.fit()
         finally:
@@ -353,11 +358,17 @@ class BatchStream:
     def next(self, count: int) -> tuple[float, list]:
         started = time.perf_counter()
         batches = []
+        fresh = False  # the iterator was just started: an epoch with no batch would loop forever
         while len(batches) < count:
             try:
                 batches.append(next(self.iterator))
+                fresh = False
             except StopIteration:
+                if fresh:
+                    raise ValueError("the training data yields no batch in a whole epoch: lower data.batch_size, "
+                                     "train on fewer ranks, or use more data") from None
                 self.iterator = iter(self.loader)
+                fresh = True
         return time.perf_counter() - started, batches
 
 
@@ -535,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train_worker(load_config(args[0], args[1:]))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
-    return 0
+    # Not 0: a preempted run is unfinished; torchrun --max-restarts and batch schedulers restart it.
+    return cli.EXIT_PREEMPTED if result["preempted"] else 0
 
 
 if __name__ == "__main__":

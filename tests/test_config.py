@@ -153,3 +153,32 @@ def test_config_module_stays_light():
     code = "import sys, pnet_dist.config; print(sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("key", ["checkpoint.uri", "data.train_uri", "data.eval_uri", "metrics.logdir",
+                                 "train.init_from"])
+def test_uri_with_credentials_is_refused_without_echoing_them(tmp_path, key):
+    uri = f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/prefix"
+    with pytest.raises(ValueError) as info:
+        load_with(tmp_path, overrides=(f"{key}={uri}",))
+    message = str(info.value)
+    assert f"job.yaml: {key}: s3://***@bucket/prefix carries credentials" in message
+    assert "AKIAIOSFODNN7EXAMPLE" not in message and SECRET not in message and "wJalr" not in message
+
+
+@pytest.mark.parametrize("key", ["deepspeed.raw.aws_secret_access_key", "deepspeed.raw.wandb.api_key",
+                                 "model.kwargs.hf_token", "model.kwargs.auth.password",
+                                 "deepspeed.raw.comms.AWS_SESSION_TOKEN"])
+def test_credential_keys_in_free_form_mappings_are_refused_by_name(tmp_path, key):
+    with pytest.raises(ValueError) as info:
+        load_with(tmp_path, overrides=(f"{key}={SECRET}",))
+    assert f"job.yaml: {key}: looks like a credential" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_token_counts_are_not_credentials(tmp_path):
+    cfg = load_with(tmp_path, overrides=("model.kwargs.pad_token_id=0", "model.kwargs.max_tokens=8",
+                                         "deepspeed.raw.moe.drop_tokens=true"))
+    assert cfg.model.kwargs == {"pad_token_id": 0, "max_tokens": 8}

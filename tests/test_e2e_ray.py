@@ -26,8 +26,11 @@ Scenarios (quickstart_vision on the quickstart digits, 2 workers, ZeRO-2):
   group, which resumes from the newest complete checkpoint), later the job's driver SIGKILLed
   (the whole job dies), then the same YAML submitted again -> it finishes from the object store
   with the baseline's final loss, bit for bit.
-- sigterm: one training worker gets SIGTERM -> the step is finished and checkpointed, Ray restarts
-  the group from that checkpoint, the job succeeds with the baseline's final loss.
+- chaos: seeded SIGKILLs and SIGTERMs to a random training worker at a random moment of each
+  worker group (set-up, resume, steps, a checkpoint being uploaded); Ray Train restarts the group
+  each time (scaling.max_failures) -> the job succeeds with the baseline's final weights, bit for
+  bit. Its SIGTERM during training also checks what a SIGTERM to a worker must do: every rank
+  finishes the step and checkpoints it, and the next group resumes from exactly that step.
 """
 from __future__ import annotations
 
@@ -607,35 +610,6 @@ def test_killed_worker_and_killed_job_resume_to_the_uninterrupted_loss(ray_head,
           f"ended with loss {result['loss']!r} (uninterrupted: {baseline[0]['loss']!r})")
 
 
-def test_sigterm_to_a_worker_checkpoints_that_step_and_the_job_finishes(ray_head, job_yaml, bucket, baseline):
-    """SIGTERM (what a node going down sends) to one training worker: every rank finishes the step,
-    the checkpoint of that step is written, Ray restarts the group, which resumes from exactly that
-    step, and the job succeeds with the uninterrupted loss."""
-    run_uri = f"{bucket}/runs/sigterm"
-    job, reader = start_job(ray_head, job_yaml, "sigterm")
-    try:
-        workers = training_workers_after_first_checkpoint(ray_head, run_uri, job, reader)
-        workers[1].send_signal(signal.SIGTERM)
-        reader.wait_until(lambda: job.poll() is not None, "the job after a worker's SIGTERM",
-                          progress=lambda: run_folder_progress(run_uri))
-        reader.join()
-    finally:
-        if job.poll() is None:
-            job.kill()
-    output = reader.text()
-    assert job.returncode == 0, f"job failed:\n{output[-6000:]}"
-    stopped = [int(step) for step in re.findall(r"stop requested \(SIGTERM\): checkpointed step (\d+)", output)]
-    assert len(stopped) == 1, output[-6000:]
-    assert EVERY_STEPS <= stopped[0] < MAX_STEPS
-    resumed = {int(step) for step in re.findall(r"resumed from checkpoint step (\d+)", output)}
-    assert resumed == {stopped[0]}, f"the restarted group must start at the SIGTERM's step:\n{output[-6000:]}"
-    result = parse_result(output)
-    assert result["step"] == MAX_STEPS and not result["preempted"]
-    assert result["loss"] == baseline[0]["loss"], "the stopped and resumed run must reproduce the uninterrupted loss"
-    print(f"worker SIGTERMed: checkpointed step {stopped[0]}, Ray restarted the group from it, final loss "
-          f"{result['loss']!r} (uninterrupted: {baseline[0]['loss']!r})")
-
-
 def test_a_request_the_cluster_cannot_hold_fails_with_the_fix(ray_head):
     job = str(REPO / "jobs" / "quickstart_vision.yaml")
     code = ("import ray\nfrom pnet_dist import launch\nfrom pnet_dist.config import load_config\n"
@@ -647,3 +621,123 @@ def test_a_request_the_cluster_cannot_hold_fails_with_the_fix(ray_head):
     assert proc.returncode != 0
     assert re.search(r"ValueError: scaling: 3 workers x 1 CPU = 3 CPU.*has 2.*scaling.num_workers", proc.stderr), \
         proc.stderr[-3000:]
+
+
+# -- random kills under Ray: seeded SIGKILL / SIGTERM at random moments of each worker group ------
+CHAOS_SEED = 12     # steps SIGTERM, resume SIGKILL, save SIGKILL, set-up SIGTERM
+
+
+def chaos_plan(seed: int) -> list[dict]:
+    """One kill per worker group, drawn from the seed: the moment (the resume never first: the
+    first group has nothing to resume), which of the two workers, SIGKILL or SIGTERM (two each),
+    and how far into the moment."""
+    import random
+    rng = random.Random(seed)
+    kinds = rng.sample(["set-up", "steps", "save"], 3)
+    kinds.insert(rng.randint(1, 3), "resume")
+    signals = rng.sample(["SIGKILL", "SIGKILL", "SIGTERM", "SIGTERM"], 4)
+    return [{"moment": kind, "worker": rng.randrange(2), "signal": sig,
+             "delay_s": round(rng.uniform(0.5, 4.0), 2)}
+            for kind, sig in zip(kinds, signals)]
+
+
+def chaos_moment(kill: dict, reader: LineReader, offset: int, run_uri: str, started: float):
+    """A condition for the kill's moment in the group whose output starts at `offset`: set-up
+    (delay_s after its workers appeared), resume (it loaded a checkpoint, or, with none complete,
+    logged its first step), steps (delay_s after its first logged step), save (a new checkpoint
+    folder appeared in the object store: being uploaded or committed)."""
+    def new_output() -> str:
+        return reader.text()[offset:]
+    if kill["moment"] == "set-up":
+        return lambda: time.monotonic() - started >= kill["delay_s"]
+    if kill["moment"] == "resume":
+        return lambda: re.search(rf"resumed from checkpoint step|step \d+/{MAX_STEPS} loss", new_output())
+    if kill["moment"] == "steps":
+        first_step: list[float] = []
+
+        def after_steps() -> bool:
+            if not first_step and re.search(rf"step \d+/{MAX_STEPS} loss", new_output()):
+                first_step.append(time.monotonic())
+            return bool(first_step) and time.monotonic() - first_step[0] >= kill["delay_s"]
+        return after_steps
+
+    def folders() -> set[str]:
+        return {key.split("/")[1] for key in open_storage(run_uri).list("ckpt/")}
+    before = folders()
+    return lambda: bool(folders() - before)
+
+
+def test_random_kills_under_ray_end_bit_equal_to_the_uninterrupted_run(ray_head, job_yaml, bucket, baseline):
+    """Seeded SIGKILLs and SIGTERMs to random training workers at random moments (set-up, resume,
+    steps, checkpoint uploads): Ray Train restarts the group each time (scaling.max_failures),
+    and the job ends with the uninterrupted run's final weights, bit for bit."""
+    from pnet_dist.export import consolidated_state_dict
+    plan = chaos_plan(CHAOS_SEED)
+    run_uri = f"{bucket}/runs/chaos"
+    argv = submit_command(ray_head, job_yaml, "chaos", f"chaos-{uuid.uuid4().hex[:6]}") + [
+        f"scaling.max_failures={len(plan)}", f"train.log_every_steps={EVERY_STEPS // 4}"]
+    started_test = time.monotonic()
+    job = subprocess.Popen(argv, cwd=REPO, env=ray_head.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    reader = LineReader(job)
+    seen: set[int] = set()
+    kills = []
+    try:
+        for group, kill in enumerate(plan):
+            workers: list[psutil.Process] = []
+
+            def new_group(workers=workers) -> bool:
+                workers[:] = [w for w in ray_head.processes(name="ray::RayTrainWorker") if w.pid not in seen]
+                return len(workers) == 2 or job.poll() is not None
+            reader.wait_until(new_group, f"chaos: worker group {group}", progress=lambda: run_folder_progress(run_uri))
+            if job.poll() is not None:
+                break
+            started, offset = time.monotonic(), len(reader.text())
+            moment_reached = chaos_moment(kill, reader, offset, run_uri, started)
+            reader.wait_until(lambda reached=moment_reached: reached() or job.poll() is not None,
+                              f"chaos: {kill['moment']} of group {group}", progress=lambda: run_folder_progress(run_uri))
+            if job.poll() is not None:
+                break
+            seen.update(w.pid for w in workers)
+            before = complete_steps(run_uri)
+            try:
+                sorted(workers, key=lambda w: w.pid)[kill["worker"]].send_signal(getattr(signal, kill["signal"]))
+            except psutil.NoSuchProcess:
+                break
+            kills.append({**kill, "group": group, "after_s": round(time.monotonic() - started, 1),
+                          "newest_complete_before": before[-1] if before else None})
+        reader.wait_until(lambda: job.poll() is not None, "chaos: the job after the last kill",
+                          progress=lambda: run_folder_progress(run_uri))
+        reader.join()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = reader.text()
+    assert job.returncode == 0, f"job failed:\n{output[-6000:]}"
+    result = parse_result(output)
+    resumes = [int(step) for step in re.findall(r"resumed from checkpoint step (\d+)", output)]
+    stops = [int(step) for step in re.findall(r"stop requested \(SIGTERM\): checkpointed step (\d+)", output)]
+    weights, _ = consolidated_state_dict(run_uri)
+    reference, _ = consolidated_state_dict(baseline[1])
+    different = [name for name in reference if not torch_equal(reference[name], weights[name])]
+    for kill in kills:
+        print(f"group {kill['group']}: {kill['signal']} to worker {kill['worker']} during {kill['moment']}, "
+              f"{kill['after_s']}s after the group's workers appeared (newest complete checkpoint then: "
+              f"{kill['newest_complete_before']})")
+    print(f"SIGTERM stops that checkpointed their step: {stops}; resumes (both ranks): {resumes}")
+    print(f"chaos job: {len(kills)} kills, final step {result['step']}, loss {result['loss']!r} (uninterrupted "
+          f"{baseline[0]['loss']!r}); {len(reference)} weight tensors, {len(different)} differ bit-wise; eval "
+          f"equal: {result['eval'] == baseline[0]['eval']}; {time.monotonic() - started_test:.0f}s")
+    assert len(kills) == len(plan), f"the job finished after {len(kills)} kills; lengthen it"
+    for kill in kills:  # SIGTERM while training: every rank finished the step, checkpointed it, and
+        if kill["signal"] == "SIGTERM" and kill["moment"] == "steps":  # the next group resumed there
+            after = [step for step in stops if step > (kill["newest_complete_before"] or 0)]
+            assert after and after[0] in resumes and after[0] < MAX_STEPS, (kill, stops, resumes)
+    assert result["step"] == MAX_STEPS and not result["preempted"]
+    assert set(weights) == set(reference) and not different, different
+    assert result["loss"] == baseline[0]["loss"] and result["eval"] == baseline[0]["eval"]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)

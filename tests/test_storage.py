@@ -85,3 +85,66 @@ def test_create_exclusive_lets_one_writer_win(storage):
     assert storage.create_exclusive(b"first", "fence/g1")
     assert not storage.create_exclusive(b"second", "fence/g1")
     assert storage.get_bytes("fence/g1") == b"first" and storage.list() == ["fence/g1"]
+
+
+def test_redaction_of_uris_in_logs_and_errors():
+    import logging
+
+    from pnet_dist import cli
+    from pnet_dist.log import get_logger, redact_uris
+    assert redact_uris("put s3://KEY:SE/CRET@bucket/a failed; s3://bucket/dir/a@b ok") == \
+        "put s3://***@bucket/a failed; s3://bucket/dir/a@b ok"
+    assert cli.one_line(ValueError("cannot read https://user:pw@host/x")) == "cannot read https://***@host/x"
+    get_logger("pnet_dist.test_storage")
+    handler = next(h for h in logging.getLogger("pnet_dist").handlers if h.filters)  # ours: with the rank filter
+    record = logging.LogRecord("pnet_dist.x", logging.WARNING, __file__, 1, "upload to %s failed",
+                               ("s3://KEY:SECRET@bucket/x",), None)
+    handler.filter(record)  # sets the rank the format shows
+    line = handler.format(record)
+    assert line.endswith("upload to s3://***@bucket/x failed") and "SECRET" not in line
+
+
+def test_storage_refuses_a_root_with_credentials():
+    with pytest.raises(ValueError, match=r"s3://\*\*\*@bucket carries credentials") as info:
+        open_storage("s3://KEY:SECRET@bucket")
+    assert "SECRET" not in str(info.value)
+
+
+def _client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+@pytest.mark.parametrize("code,status,retried", [("InternalError", 500, True), ("SlowDown", 503, True),
+                                                 ("RequestTimeout", 400, True), ("TooManyRequests", 429, True),
+                                                 ("InvalidArgument", 400, False), ("NoSuchBucket", 404, False),
+                                                 ("MalformedXML", 400, False)])
+def test_only_errors_a_retry_can_fix_are_retried(code, status, retried):
+    from pnet_dist.storage import RequestRejected
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise _client_error(code, status)
+
+    policy = RetryPolicy(max_attempts=3, base_delay_s=0.01)
+    if retried:
+        with pytest.raises(RuntimeError, match="failed after 3 attempts"):
+            with_retries(fails, "put x", policy)
+    else:
+        with pytest.raises(RequestRejected, match=f"put x was rejected \\({code}, HTTP {status}; not retried"):
+            with_retries(fails, "put x", policy)
+    assert len(calls) == (3 if retried else 1)
+
+
+def test_s3_client_errors_fail_at_once(s3_server, s3_bucket, caplog):
+    """Against the real S3 server: a request for a missing bucket and one with an invalid bucket name
+    each fail on the first attempt, without a retry, although the policy would keep trying for ten minutes."""
+    from pnet_dist.storage import RequestRejected
+    patient = RetryPolicy(max_attempts=50, base_delay_s=5.0, timeout_s=600)
+    with pytest.raises(RequestRejected, match=r"put s3://no-such-bucket-here/k was rejected \(NoSuchBucket, HTTP 404"):
+        Storage("s3://no-such-bucket-here", patient).put_bytes(b"x", "k")
+    with pytest.raises(RequestRejected, match="invalid request parameters"):
+        Storage("s3://not;a;bucket/p", patient).put_bytes(b"x", "k")  # botocore refuses the name before sending
+    assert "retrying" not in caplog.text

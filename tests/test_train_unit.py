@@ -276,3 +276,14 @@ def test_log_lines_carry_the_rank_set_after_the_logger_was_made(monkeypatch):
     record = logging.LogRecord("pnet_dist.test_log", logging.INFO, __file__, 1, "hello", None, None)
     assert handler.filter(record)
     assert "[rank3] pnet_dist.test_log: hello" in handler.format(record)
+
+
+def test_torchrun_restarts_without_a_store_per_round_are_refused_with_the_command():
+    from pnet_dist.dist import check_torchrun_restarts
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with pytest.raises(ValueError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=N"):
+        check_torchrun_restarts(shared)
+    check_torchrun_restarts({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"})  # a store per round
+    check_torchrun_restarts({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"})        # never restarted
+    check_torchrun_restarts({})                                                  # not under torchrun
+

@@ -401,7 +401,9 @@ class ShardLoader:
         self._epoch_done = False
         self._batches_yielded = 0
         if num_batches == 0:
-            self._epoch_done = True
+            if state is None or state["sample_in_epoch"] == 0:
+                raise self._no_batch_error()
+            self._epoch_done = True  # resumed where nothing of this epoch is left for a full batch
             # Still advance streaming's epoch so the next iter() starts the following one.
             for _ in self.loader:
                 break
@@ -409,12 +411,26 @@ class ShardLoader:
         batches = iter(self.loader)
         try:
             for _ in range(num_batches):
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"dataset {self.dataset.dataset_uri}: the loader ended after "
+                                       f"{self._batches_yielded} of the {num_batches} batches of this epoch "
+                                       "without an error from streaming") from None
                 self._batches_yielded += 1
                 self._epoch_done = self._batches_yielded == num_batches
                 yield self.finalize(batch) if self.finalize is not None else batch
         finally:
             del batches
+
+    def _no_batch_error(self) -> ValueError:
+        from streaming.base.world import World
+        world = World.detect()
+        return ValueError(f"dataset {self.dataset.dataset_uri}: an epoch yields no batch: its "
+                          f"{self.dataset.epoch_size} samples over {world.num_ranks} rank(s) x "
+                          f"{max(1, self.num_workers)} loader worker(s) give no rank a full batch of "
+                          f"{self.batch_size}; lower data.batch_size or data.num_workers, train on fewer "
+                          "ranks, or use more data")
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(self.loader.state_dict())
