@@ -49,8 +49,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
 def check_torchrun_restarts(env) -> None:
     """ValueError if torchrun may restart this worker group into its shared store (see the docstring)."""
     if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
-                         "with the shared rendezvous store every restarted group fails to connect (it reads the "
+        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                         "environment: with the shared rendezvous store every restarted group fails to connect (it reads the "
                          "previous round's addresses). Run: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
                          "--max-restarts=N ... -m pnet_dist.train JOB.yaml (see README, Preemption and resume)")
 
