@@ -6,10 +6,12 @@ credentials -- with a message that names the file, key, value or record and says
 `run` prints that message as one line on stderr and exits with status 2 (as argparse does for a bad
 option). So do a missing file (FileNotFoundError) and a refused one (PermissionError). `--debug`
 anywhere on the command line, or PNET_LOG_LEVEL=DEBUG, prints the traceback as well. Ctrl-C ends
-with status 130 and no traceback. A training run stopped by SIGTERM or a spot notice, after it
-saved its checkpoint, ends with status 75 (EXIT_PREEMPTED, sysexits' EX_TEMPFAIL: "try again"), so
-that `torchrun --max-restarts` and batch schedulers start it again instead of taking it as done. Any other exception is a bug, not the user's input, and keeps
+with status 130 and no traceback. Any other exception is a bug, not the user's input, and keeps
 its traceback. The one-line message has the user info of any URI in it redacted (log.redact_uris).
+
+A training run stopped by SIGTERM or a spot notice, after it saved its checkpoint, ends with
+status 75 (EXIT_PREEMPTED, sysexits' EX_TEMPFAIL: "try again"), so that `torchrun --max-restarts`
+and batch schedulers start it again instead of taking it as done.
 """
 from __future__ import annotations
 

@@ -8,10 +8,11 @@ in the rendezvous's shared TCP store under the same keys as the round before, so
 group reads the dead round's addresses ("Gloo connectFullMesh failed ... Connection refused,
 remote=[127.0.0.1]:<port of the previous round>") and every restart fails. With
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment each round gets a store of its own,
-and restarts resume. A run with restarts but without that setting is refused at start, naming it. A plain
-`python -m pnet_dist.train` without either runs as a world of one on 127.0.0.1. Teardown destroys
-only a group this module created, after an explicit barrier (without it ~1 in 8 two-rank gloo
-runs aborted at exit, see STACK.md).
+and restarts resume. A run with restarts but without that setting is refused at start, naming it.
+
+A plain `python -m pnet_dist.train` without either runs as a world of one on 127.0.0.1. Teardown
+destroys only a group this module created, after an explicit barrier (without it ~1 in 8 two-rank
+gloo runs aborted at exit, see STACK.md).
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
 def check_torchrun_restarts(env) -> None:
     """ValueError if torchrun may restart this worker group into its shared store (see the docstring)."""
     if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
-                         "with the shared rendezvous store every restarted group fails to connect (it reads the "
+        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                         "environment: with the shared rendezvous store every restarted group fails to connect (it reads the "
                          "previous round's addresses). Run: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
                          "--max-restarts=N ... -m pnet_dist.train JOB.yaml (see README, Preemption and resume)")
 

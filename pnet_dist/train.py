@@ -132,15 +132,15 @@ def train_worker(cfg: JobConfig, task=None) -> dict:
     # rendezvous, DeepSpeed's start-up) for a peer that died must obey the launcher's SIGTERM at
     # once -- there is nothing to save yet -- rather than wait for a step that never comes.
     dist.init_distributed()
-    trainer = Trainer(cfg, task or build_task(cfg))
-    stop_signals = StopSignals(cfg.train.watch_spot_interruption)
     try:
+        trainer = Trainer(cfg, task or build_task(cfg))
+        stop_signals = StopSignals(cfg.train.watch_spot_interruption)
         try:
             result = trainer.fit()
         finally:
+            stop_signals.close()
             trainer.writer.close()
     finally:
-        stop_signals.close()
         _STOP.clear()  # a stop request (served or not) ends with this run, not the next one in this process
     dist.teardown()
     return result

@@ -18,6 +18,7 @@ main thread -- as soon as it happens:
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -91,12 +92,27 @@ class ShardCheckMixin:
         checked.add(shard_id)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        """Streaming's fetch (or local check) of a shard; its failure names the dataset and the shard."""
+        """Streaming's fetch (or local check) of a shard; its failure names the dataset and the shard.
+
+        Never waits inside streaming: a fetch that failed leaves the shard PREPARING for good, and
+        streaming's blocking wait for it would never end; ours ends with the failure's error."""
         try:
-            StreamingDataset.prepare_shard(self, shard_id, blocking)
+            StreamingDataset.prepare_shard(self, shard_id, blocking=False)
         except Exception as exc:
             raise self._shard_error(self.shards[shard_id].raw_data.basename,
                                     f"cannot be fetched or read: {type(exc).__name__}: {exc}") from exc
+        if blocking:
+            self._wait_prepared(shard_id)
+
+    def _wait_prepared(self, shard_id: int) -> None:
+        from streaming.base.dataset import TICK, _ShardState
+        while self._shard_states[shard_id] == _ShardState.PREPARING:
+            self._raise_background_error()
+            path = self._shard_file(shard_id)[0]
+            if self.streams[0].remote is None and not os.path.exists(path):  # local data: nothing to fetch
+                raise self._shard_error(self.shards[shard_id].raw_data.basename, f"disappeared: {path} is gone. "
+                                        f"{_FIX}")
+            time.sleep(TICK)
 
     def on_exception(self, future) -> None:
         # A background thread failed: keep its error for __iter__ to raise (streaming only logs it).
