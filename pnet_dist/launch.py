@@ -71,12 +71,28 @@ from urllib.parse import urlparse
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from pnet_dist import cli  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pnet_dist.launch", description=__doc__.split("\n")[0],
+                                     epilog=cli.DEBUG_HELP)
+    parser.add_argument("job", help="job YAML (see jobs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.max_steps=100 optim.lr=3e-4")
+    return parser
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    _parser().print_help()  # before Ray is imported: --help answers at once
+    sys.exit(0)
+
 import pyarrow.fs  # noqa: E402
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from pnet_dist import cli, preflight, storage  # noqa: E402
+from pnet_dist import preflight, storage  # noqa: E402
 from pnet_dist.config import JobConfig, load_config  # noqa: E402
 from pnet_dist.log import get_logger  # noqa: E402
 
@@ -499,12 +515,7 @@ def summary_lines(cfg: JobConfig, result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pnet_dist.launch", description=__doc__.split("\n")[0],
-                                     epilog=cli.DEBUG_HELP)
-    parser.add_argument("job", help="job YAML (see jobs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.max_steps=100 optim.lr=3e-4")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     cfg = load_config(args.job, args.overrides)
     preflight.check_relative_paths(cfg, args.job, ray_working_dir_copy())
     cfg = absolute_local_paths(cfg, Path.cwd())

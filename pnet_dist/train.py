@@ -45,19 +45,24 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
-import torch
+USAGE = "usage: python -m pnet_dist.train JOB.yaml [key=value ...]   (under torchrun for several ranks)"
+if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):
+    print(USAGE)  # before torch and DeepSpeed are imported: --help answers at once
+    sys.exit(0)
 
-from pnet_dist import cli, dist
-from pnet_dist.checkpoint import CheckpointStore
-from pnet_dist.config import JobConfig, load_config, save_resolved
-from pnet_dist.engine import build_engine, poison_nonfinite
-from pnet_dist.engine_checkpoint import EngineCheckpointer, Stateful
-from pnet_dist.log import get_logger
-from pnet_dist.metrics import ROOT_RUN, MetricsWriter, ThroughputMeter, moe_lines, peak_flops_per_rank
-from pnet_dist.models.moe import moe_stats
-from pnet_dist.optim import ModelEma
-from pnet_dist.tasks import build_task
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pnet_dist import cli, dist  # noqa: E402
+from pnet_dist.checkpoint import CheckpointStore  # noqa: E402
+from pnet_dist.config import JobConfig, load_config, save_resolved  # noqa: E402
+from pnet_dist.engine import build_engine, poison_nonfinite  # noqa: E402
+from pnet_dist.engine_checkpoint import EngineCheckpointer, Stateful  # noqa: E402
+from pnet_dist.log import get_logger  # noqa: E402
+from pnet_dist.metrics import ROOT_RUN, MetricsWriter, ThroughputMeter, moe_lines, peak_flops_per_rank  # noqa: E402
+from pnet_dist.models.moe import moe_stats  # noqa: E402
+from pnet_dist.optim import ModelEma  # noqa: E402
+from pnet_dist.tasks import build_task  # noqa: E402
 
 log = get_logger("pnet_dist.train")  # not __name__: "__main__" under python -m
 
@@ -541,7 +546,7 @@ class SpotWatcher:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m pnet_dist.train JOB.yaml [key=value ...]   (under torchrun for several ranks)")
+        print(USAGE)
         return 0 if args else 2
     result = train_worker(load_config(args[0], args[1:]))
     if os.environ.get("RANK", "0") == "0":

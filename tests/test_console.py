@@ -18,9 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "numpy", "deepspeed", "ray", "streaming", "ffcv", "boto3", "tensorboard", "PIL"}
 
 
-@pytest.mark.parametrize("tool", sorted(p.name for p in (REPO / "tools").glob("*.py")))
+@pytest.mark.parametrize("tool", sorted(p.name for p in (REPO / "tools").glob("*.py"))
+                         + ["-m pnet_dist.launch", "-m pnet_dist.train"])   # the launchers, and a job YAML's shebang
 def test_python_tool_answers_help_before_any_heavy_import(tool):
-    run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / tool), "--help"],
+    program = tool.split() if tool.startswith("-m ") else [str(REPO / "tools" / tool)]
+    run = subprocess.run([sys.executable, "-X", "importtime", *program, "--help"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr[-2000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines()
