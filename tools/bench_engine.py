@@ -10,8 +10,10 @@ ZeRO-2 partitioned optimizer, the per-step stats collective, BatchNorm statistic
 non-finite handling, metrics. Ours is timed by the loop's own meter (perf/step_time_s in its
 TensorBoard files: the mean step time of each --warmup-step log interval, the first dropped); the
 baselines per step, reduced to the same statistic (interval_median). A third loop, the bare
-DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's. Loops alternate for
---rounds rounds and the median per loop is reported. Target: ratio <= 1.05.
+DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's; a fourth, the bare
+engine at zero_stage 1 (no per-parameter gradient hooks), shows what ZeRO-2's gradient
+partitioning costs a model this small. Loops alternate for --rounds rounds and the median per
+loop is reported. Target: ratio <= 1.05.
 
 After the timing rounds each loop runs once more under torch.profiler (--profile-steps steps after
 the warm-up) and a table per case lists self CPU ms per step of the top ops of the three loops,
@@ -204,8 +206,8 @@ def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
              "pnet_dist loop": profiled(ours)}
     ranked = sorted({key for self_ms, _ in loops.values() for key in self_ms},
                     key=lambda key: -max(self_ms.get(key, 0.0) for self_ms, _ in loops.values()))
-    lines = [f"profile, {name}: self CPU ms per step on rank 0 (torch.profiler, {num_steps} steps after "
-             f"{warmup} warm-up), top {top} ops",
+    lines = [(f"profile, {name}: self CPU ms per step on rank 0 (torch.profiler, {num_steps} steps after "
+              f"{warmup} warm-up), top {top} ops"),
              f"| {'op':<60} | " + " | ".join(f"{loop:>14}" for loop in loops) + " |",
              f"|{'-' * 62}|" + "|".join("-" * 16 for _ in loops) + "|"]
     for key in ranked[:top]:
@@ -230,16 +232,21 @@ def profiles(args, workdir: str) -> list[str]:
 def engine_vs_ddp(args, workdir: str) -> list[tuple[str, float, float, str]]:
     rows = []
     for index, (name, overrides) in enumerate(CASES.items()):
-        ours, bare, baseline = [], [], []
+        ours, bare, bare_zero1, baseline = [], [], [], []
         for round_index in range(args.rounds):
             cfg = base_config(workdir, f"bench_{index}_{round_index}", args.steps, args.warmup, overrides)
+            zero1 = base_config(workdir, f"bench_{index}_{round_index}_z1", args.steps, args.warmup,
+                                [*overrides, "deepspeed.zero_stage=1"])
             baseline.append(interval_median(step_times(cfg, *ddp_loop(cfg)), args.warmup))
             bare.append(interval_median(step_times(cfg, *bare_deepspeed_loop(cfg)), args.warmup))
+            bare_zero1.append(interval_median(step_times(zero1, *bare_deepspeed_loop(zero1)), args.warmup))
             ours.append(time_ours(cfg))
-        ours_s, bare_s, ddp_s = (statistics.median(v) for v in (ours, bare, baseline))
+        ours_s, bare_s, zero1_s, ddp_s = (statistics.median(v) for v in (ours, bare, bare_zero1, baseline))
         rows += [(f"step time, {name}: pnet_dist loop / DDP", ours_s, ddp_s, "s", ours_s / ddp_s, ["<=", TARGET_RATIO]),
                  ("  of which DeepSpeed: bare ZeRO-2 engine / DDP", bare_s, ddp_s, "s", bare_s / ddp_s, None),
-                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", ours_s / bare_s, None)]
+                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", ours_s / bare_s, None),
+                 ("  for comparison, DeepSpeed at zero_stage 1: bare ZeRO-1 engine / DDP", zero1_s, ddp_s, "s",
+                  zero1_s / ddp_s, None)]
     return rows
 
 
