@@ -100,7 +100,7 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     extras_sum: dict[str, torch.Tensor] = {}
     for micro, batch in enumerate(micro_batches):
         batch_seed = micro_batch_seed(seed, step, micro * world_size + rank)
-        torch.manual_seed(batch_seed)  # dropout / drop-path masks
+        seed_step_rng(batch_seed)  # dropout / drop-path masks
         loss, extras = task.train_loss(engine, batch, seed=batch_seed)
         engine.backward(poison_nonfinite(loss))
         engine.step()
@@ -442,6 +442,16 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_step_rng(seed: int) -> None:
+    """Seed the generators a step draws from: the CPU one and, under CUDA, this rank's device.
+    Not torch.manual_seed, which also seeds every other backend and, for each one not initialised
+    (CUDA, XPU, MTIA on a CPU host), formats a stack trace to defer the seed: 3x the time per
+    micro-batch for generators the step never draws from."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
 
 
 def micro_batch_seed(seed: int, step: int, position: int) -> int:

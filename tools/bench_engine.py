@@ -92,7 +92,7 @@ def step_times(cfg, task, model, backward_and_step, on_step=lambda: None) -> lis
     backward_and_step(loss), loss.item() -- with ours' batches and seeds."""
     import torch
 
-    from pnet_dist.train import BatchStream, micro_batch_seed
+    from pnet_dist.train import BatchStream, micro_batch_seed, seed_step_rng
 
     rank = torch.distributed.get_rank()
     batches = BatchStream(task.build_loaders()[0])
@@ -101,7 +101,7 @@ def step_times(cfg, task, model, backward_and_step, on_step=lambda: None) -> lis
         started = time.perf_counter()
         _, (batch,) = batches.next(1)
         seed = micro_batch_seed(cfg.train.seed, step, rank)
-        torch.manual_seed(seed)
+        seed_step_rng(seed)
         loss, _ = task.train_loss(model, batch, seed=seed)
         backward_and_step(loss)
         loss.item()
