@@ -196,10 +196,11 @@ def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
         return self_ms, calls
 
     def ours(on_step) -> None:
-        _, one_step = ours_loop(cfg)
+        trainer, one_step = ours_loop(cfg)
         for _ in range(cfg.train.max_steps):
             one_step()
             on_step()
+        trainer.writer.close()
 
     loops = {"DDP": profiled(lambda on_step: step_times(cfg, *ddp_loop(cfg), on_step=on_step)),
              "bare DeepSpeed": profiled(lambda on_step: step_times(cfg, *bare_deepspeed_loop(cfg), on_step=on_step)),
