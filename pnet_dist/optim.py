@@ -110,12 +110,20 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         source = model.state_dict()
+        averaged, sources, copied, copied_from = [], [], [], []
         for name, ema_value in self.module.state_dict().items():
-            value = source[name]
             if ema_value.is_floating_point():
-                ema_value.mul_(self.decay).add_(value.to(ema_value.dtype), alpha=1.0 - self.decay)
+                averaged.append(ema_value)
+                sources.append(source[name].to(ema_value.dtype))
             else:
-                ema_value.copy_(value)
+                copied.append(ema_value)
+                copied_from.append(source[name])
+        # the same element-wise ops as ema.mul_(decay).add_(value, alpha=1 - decay) per tensor,
+        # in one foreach call each: run every step, over every tensor of the model
+        torch._foreach_mul_(averaged, self.decay)
+        torch._foreach_add_(averaged, sources, alpha=1.0 - self.decay)
+        if copied:
+            torch._foreach_copy_(copied, copied_from)
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:

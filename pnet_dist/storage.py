@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pnet_dist.log import get_logger, has_userinfo, redact_uris
 log = get_logger(__name__)
 T = TypeVar("T")
 _READ_CHUNK = 8 << 20
+_TRANSFER_LOCK = threading.Lock()
 
 
 def is_s3(uri: str) -> bool:
@@ -124,6 +126,7 @@ class Storage:
         self.root = root.rstrip("/")
         self.retry = retry
         self._client = None
+        self._transfer = None
         if is_s3(root):
             self.bucket, self.prefix = split_s3(self.root)
 
@@ -133,6 +136,18 @@ class Storage:
         if self._client is None:
             self._client = s3_client()
         return self._client
+
+    @property
+    def transfer(self):
+        """One s3transfer manager for all uploads of this Storage, with boto3's default
+        TransferConfig (8 MiB parts, 10 threads) -- what a raw upload_file gets. Files uploaded at
+        once share its threads instead of starting 10 more each (client.upload_fileobj makes a
+        manager per call)."""
+        with _TRANSFER_LOCK:
+            if self._transfer is None:
+                from boto3.s3.transfer import TransferConfig, create_transfer_manager
+                self._transfer = create_transfer_manager(self.client, TransferConfig())
+        return self._transfer
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}".lstrip("/") if self.prefix else key
@@ -170,13 +185,10 @@ class Storage:
         """Upload (or copy) a local file to key; returns its sha256, computed from the bytes as they
         are read for the upload -- one pass over the file, not a second one for the checksum."""
         if is_s3(self.root):
-            from boto3.s3.transfer import TransferConfig
-            config = TransferConfig()  # 8 MiB parts, 10 threads; s3transfer raises the part size for files over 10,000 parts
-
             def upload() -> str:
                 with open(local_path, "rb") as f:
                     reader = _HashingReader(f)
-                    self.client.upload_fileobj(reader, self.bucket, self._key(key), Config=config)
+                    self.transfer.upload(reader, self.bucket, self._key(key)).result()
                 return reader.hexdigest()
             return with_retries(upload, f"upload {local_path} -> {self.uri(key)}", self.retry)
         digest = hashlib.sha256()

@@ -100,13 +100,14 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     `stop` (this rank was asked to stop) is agreed on in that collective."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     lr = max(engine.get_lr())
-    buffers = [b.clone() for b in engine.module.buffers()]  # BatchNorm statistics; none in the LMs
+    buffers = list(engine.module.buffers())  # BatchNorm statistics; none in the LMs
+    saved = snapshot(buffers)
     loss_sum = torch.zeros((), device=task.device)
     nonfinite = torch.zeros((), device=task.device)
     extras_sum: dict[str, torch.Tensor] = {}
     for micro, batch in enumerate(micro_batches):
         batch_seed = micro_batch_seed(seed, step, micro * world_size + rank)
-        torch.manual_seed(batch_seed)  # dropout / drop-path masks
+        seed_step_rng(batch_seed)  # dropout / drop-path masks
         loss, extras = task.train_loss(engine, batch, seed=batch_seed)
         engine.backward(poison_nonfinite(loss))
         engine.step()
@@ -118,14 +119,26 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
     # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
     totals = dist.sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
-                                  [b for b in engine.module.buffers() if b.is_floating_point()])
+                                  [b for b in buffers if b.is_floating_point()])
     num = len(micro_batches) * world_size
     if totals[1] > 0:  # the forward passes also ran BatchNorm statistics through the NaNs
-        for live, saved in zip(engine.module.buffers(), buffers):
-            live.copy_(saved)
+        torch._foreach_copy_(buffers, saved)
     return StepResult(loss=math.nan if totals[1] > 0 else totals[0] / num,
                       extras={k: v / num for k, v in zip(extras_sum, totals[3:])}, lr=lr,
                       nonfinite=totals[1] > 0, applied=engine.was_step_applied(), stop=totals[2] > 0)
+
+
+def snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` in one op per dtype (the loop takes one of every buffer each step)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(index)
+    copies: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            copies[i] = piece if piece.shape == tensors[i].shape else piece.view_as(tensors[i])
+    return copies
 
 
 def train_worker(cfg: JobConfig, task=None) -> dict:
@@ -445,6 +458,16 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_step_rng(seed: int) -> None:
+    """Seed the generators a step draws from: the CPU one and, under CUDA, this rank's device.
+    Not torch.manual_seed, which also seeds every other backend and, for each one not initialised
+    (CUDA, XPU, MTIA on a CPU host), formats a stack trace to defer the seed: 3x the time per
+    micro-batch for generators the step never draws from."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
 
 
 def micro_batch_seed(seed: int, step: int, position: int) -> int:

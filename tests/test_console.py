@@ -30,7 +30,7 @@ def test_python_tool_answers_help_before_any_heavy_import(tool):
     assert not imported & HEAVY, f"{tool} --help imports {sorted(imported & HEAVY)}"
 
 
-@pytest.mark.parametrize("tool", ["quickstart.sh", "run_tests.sh"])
+@pytest.mark.parametrize("tool", ["gpu_check.sh", "quickstart.sh", "run_tests.sh"])
 def test_shell_tool_answers_help_without_installing(tmp_path, tool):
     (tmp_path / "tools").mkdir()
     shutil.copy(REPO / "tools" / tool, tmp_path / "tools" / tool)

@@ -9,7 +9,8 @@ Prints, from one run on one machine:
 
     python tools/bench_dynamic_conv.py                        # CPU, batch 32 at 224x224
     python tools/bench_dynamic_conv.py --batch 8 --repeats 2  # quicker
-    python tools/bench_dynamic_conv.py --device cuda --amp bf16 --batch 128
+    python tools/bench_dynamic_conv.py --device cuda --amp bf16 --channels-last --batch 128
+    python tools/bench_dynamic_conv.py --dry-run              # debug variant, tiny sizes (tools/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -35,7 +36,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer-repeats", type=int, default=3, help="timed fwd+bwd per layer (median)")
     parser.add_argument("--skip-breakdown", action="store_true")
     parser.add_argument("--all-paths", action="store_true", help="also time the dominated 1x1 paths")
-    return parser.parse_args()
+    parser.add_argument("--channels-last", action="store_true", help="models, layers and inputs in NHWC")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every section on the debug variant at batch 2, 32x32, one repeat: seconds")
+    args = parser.parse_args()
+    if args.dry_run:
+        args.variant, args.batch, args.size, args.repeats, args.layer_repeats = "debug", 2, 32, 1, 1
+    return args
 
 
 if __name__ == "__main__":
@@ -79,9 +86,23 @@ def autocast(device: str, amp: str):
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
-def train_step_fn(model: nn.Module, batch: int, size: int, device: str, amp: str):
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """4-D weights (static convs) to NHWC; nn.Module.to(memory_format=...) refuses the 5-D expert
+    banks of the dynamic convs, whose kernels are mixed per sample before the conv runs."""
+    for param in module.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+
+
+def train_step_fn(model: nn.Module, batch: int, size: int, device: str, amp: str, channels_last: bool = False):
     """One forward + loss + backward; returns a zero-argument callable."""
-    images = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        to_channels_last(model)
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format(channels_last))
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
     model.train()
 
@@ -93,9 +114,11 @@ def train_step_fn(model: nn.Module, batch: int, size: int, device: str, amp: str
     return step
 
 
-def layer_fn(layer: nn.Module, shape: tuple[int, ...], device: str, amp: str):
+def layer_fn(layer: nn.Module, shape: tuple[int, ...], device: str, amp: str, channels_last: bool = False):
     """One fwd+bwd of a single layer (input gradient included, as inside a network)."""
-    x = torch.randn(shape, device=device, requires_grad=True)
+    if channels_last:
+        to_channels_last(layer)
+    x = torch.randn(shape, device=device).contiguous(memory_format=memory_format(channels_last)).requires_grad_()
     cotangent: list[torch.Tensor] = []
 
     def step():
@@ -163,7 +186,8 @@ def run_breakdown(args) -> list[tuple[str, dict[str, float], str]]:
     auto_impl: dict[str, set] = {}
     for (kind, config, shape), count in sorted(shapes.items()):
         totals = seconds_by_kind.setdefault(kind, Counter())
-        steps = {variant: layer_fn(build_layer(variant, config, args.device), shape, args.device, args.amp)
+        steps = {variant: layer_fn(build_layer(variant, config, args.device), shape, args.device, args.amp,
+                                    args.channels_last)
                  for variant in layer_variants(config, args.all_paths)}
         samples: dict[str, list[float]] = {variant: [] for variant in steps}
         for step in steps.values():
@@ -197,7 +221,8 @@ def main(args: argparse.Namespace) -> None:
         f"{dynamic_name} (timm CondConv2d)": create_model(dynamic_name, device=args.device,
                                                           conv_factory=released_conv_factory),
     }
-    steps = {name: train_step_fn(model, args.batch, args.size, args.device, args.amp) for name, model in models.items()}
+    steps = {name: train_step_fn(model, args.batch, args.size, args.device, args.amp, args.channels_last)
+             for name, model in models.items()}
     for step in steps.values():
         step()  # warm-up (allocator, kernel selection)
     # Interleave the models' repeats so background load hits all of them alike.
@@ -209,7 +234,7 @@ def main(args: argparse.Namespace) -> None:
     del models, steps
 
     ours, static, released = step_s.values()
-    header = (f"device={args.device} amp={args.amp} batch={args.batch} input={args.size}x{args.size} "
+    header = (f"device={args.device} amp={args.amp} channels_last={args.channels_last} batch={args.batch} input={args.size}x{args.size} "
               f"threads={torch.get_num_threads()} torch={torch.__version__} "
               f"load average at start={load_at_start:.1f} (other processes share these cores)")
     print(header)

@@ -2,14 +2,22 @@
 loop with the same model, batch, loss, optimizer groups and schedule, measured in one run.
 
     python tools/bench_engine.py [--steps 40] [--warmup 10] [--rounds 2] [--skip-checkpoint]
+                                 [--profile-steps 20] [--profile-top 12]
 
 Both loops read the same synthetic batches (pnet_dist.tasks.SyntheticLoader) and compute the
 loss with the same task object, so the ratio is the cost of the engine around the model:
 ZeRO-2 partitioned optimizer, the per-step stats collective, BatchNorm statistics averaging,
 non-finite handling, metrics. Ours is timed by the loop's own meter (perf/step_time_s in its
-TensorBoard files, first interval dropped as warm-up); the baselines per step, warm-up dropped.
-A third loop, the bare DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's.
-Loops alternate for --rounds rounds and the median per loop is reported. Target: ratio <= 1.05.
+TensorBoard files: the mean step time of each --warmup-step log interval, the first dropped); the
+baselines per step, reduced to the same statistic (interval_median). A third loop, the bare
+DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's; a fourth, the bare
+engine at zero_stage 1 (no per-parameter gradient hooks), shows what ZeRO-2's gradient
+partitioning costs a model this small. Loops alternate for --rounds rounds and the median per
+loop is reported. Target: ratio <= 1.05.
+
+After the timing rounds each loop runs once more under torch.profiler (--profile-steps steps after
+the warm-up) and a table per case lists self CPU ms per step of the top ops of the three loops,
+the Python time between ops, and the number of collectives per step: where the difference goes.
 
 The checkpoint rows come from tools/bench_checkpoint.py, run by this script after the step-time
 loops (one DeepSpeed rank, a moto S3 server on 127.0.0.1; its docstring says what is measured):
@@ -58,7 +66,8 @@ def base_config(workdir: str, run_name: str, steps: int, log_every: int, overrid
 
 
 def time_ours(cfg) -> float:
-    """Median per-step time of train_worker, from its own meter (TensorBoard), warm-up dropped."""
+    """Median over log intervals of train_worker's mean step time, from its own meter
+    (perf/step_time_s in its TensorBoard files), the first interval dropped as warm-up."""
     from pnet_dist import dist
     from pnet_dist.metrics import read_scalars
     from pnet_dist.train import train_worker
@@ -69,12 +78,21 @@ def time_ours(cfg) -> float:
     return statistics.median(times[1:])
 
 
-def median_step_time(cfg, warmup: int, task, model, backward_and_step) -> float:
-    """Median per-step time (warm-up dropped) of: next batch, forward + loss with the task,
-    backward_and_step(loss), loss.item() -- the baselines' loop, with ours' batches and seeds."""
+def interval_median(step_times: list[float], interval: int) -> float:
+    """The statistic of time_ours for a baseline's per-step times: the first interval dropped, the
+    mean of each following interval of `interval` steps, the median of those means. (A per-step
+    median would drop the slow steps that a mean over ours keeps, and flatter the baselines.)"""
+    means = [statistics.fmean(step_times[start:start + interval])
+             for start in range(interval, len(step_times) - interval + 1, interval)]
+    return statistics.median(means)
+
+
+def step_times(cfg, task, model, backward_and_step, on_step=lambda: None) -> list[float]:
+    """Per-step times of the baselines' loop: next batch, forward + loss with the task,
+    backward_and_step(loss), loss.item() -- with ours' batches and seeds."""
     import torch
 
-    from pnet_dist.train import BatchStream, micro_batch_seed
+    from pnet_dist.train import BatchStream, micro_batch_seed, seed_step_rng
 
     rank = torch.distributed.get_rank()
     batches = BatchStream(task.build_loaders()[0])
@@ -83,16 +101,18 @@ def median_step_time(cfg, warmup: int, task, model, backward_and_step) -> float:
         started = time.perf_counter()
         _, (batch,) = batches.next(1)
         seed = micro_batch_seed(cfg.train.seed, step, rank)
-        torch.manual_seed(seed)
+        seed_step_rng(seed)
         loss, _ = task.train_loss(model, batch, seed=seed)
         backward_and_step(loss)
         loss.item()
         times.append(time.perf_counter() - started)
-    return statistics.median(times[warmup:])
+        on_step()
+    return times
 
 
-def time_ddp(cfg, warmup: int) -> float:
-    """Median per-step time of a plain DDP loop over the same model, data, loss and optimizer."""
+def ddp_loop(cfg):
+    """(task, model, backward_and_step) of a plain DDP loop over the same model, data, loss,
+    optimizer groups and schedule."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -114,13 +134,13 @@ def time_ddp(cfg, warmup: int) -> float:
         optimizer.step()
         scheduler.step()
 
-    return median_step_time(cfg, warmup, task, DistributedDataParallel(model), backward_and_step)
+    return task, DistributedDataParallel(model), backward_and_step
 
 
-def time_bare_deepspeed(cfg, warmup: int) -> float:
-    """Median per-step time of the bare DeepSpeed engine (pnet_dist.engine.build_engine) driven by
-    a minimal loop: forward, backward, step, loss.item() -- no stats collective, no BatchNorm
-    averaging, no skip handling, no metrics. Splits ours/DDP into DeepSpeed's share and ours."""
+def bare_deepspeed_loop(cfg):
+    """(task, engine, backward_and_step) of the bare DeepSpeed engine (pnet_dist.engine.build_engine)
+    driven by a minimal loop: forward, backward, step, loss.item() -- no stats collective, no
+    BatchNorm averaging, no skip handling, no metrics. Splits ours/DDP into DeepSpeed's share and ours."""
     import torch
 
     from pnet_dist.engine import build_engine
@@ -134,22 +154,100 @@ def time_bare_deepspeed(cfg, warmup: int) -> float:
         engine.backward(loss)
         engine.step()
 
-    return median_step_time(cfg, warmup, task, engine, backward_and_step)
+    return task, engine, backward_and_step
+
+
+def ours_loop(cfg):
+    """One iteration of Trainer.fit without its eval/checkpoint/stop checks (modulo tests), for
+    the profile: next micro-batches, train_step, account (counters, meter, logging)."""
+    from pnet_dist import dist
+    from pnet_dist.metrics import MetricsWriter
+    from pnet_dist.tasks import build_task
+    from pnet_dist.train import BatchStream, Trainer, train_step
+
+    trainer = Trainer(cfg, build_task(cfg))
+    trainer.writer = MetricsWriter(cfg.metrics.logdir, enabled=dist.is_main())
+    batches = BatchStream(trainer.train_loader)
+
+    def one_step() -> None:
+        data_wait_s, micro_batches = batches.next(cfg.deepspeed.grad_accum_steps)
+        result = train_step(trainer.engine, trainer.task, micro_batches, trainer.state.step, cfg.train.seed,
+                            stop=False)
+        trainer.account(result, micro_batches, data_wait_s)
+    return trainer, one_step
+
+
+def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
+    """A table of self CPU time per step by op (torch.profiler, rank 0) for the three loops, over
+    num_steps steps after cfg.train.max_steps - num_steps warm-up steps; "(Python between ops)" is
+    the profiler's step row: interpreter time outside any op (hooks, bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    warmup = cfg.train.max_steps - num_steps
+
+    def profiled(run) -> tuple[dict[str, float], dict[str, float]]:
+        with profile(activities=[ProfilerActivity.CPU],
+                     schedule=schedule(wait=warmup - 1, warmup=1, active=num_steps)) as prof:
+            run(prof.step)
+        events = prof.key_averages()
+        self_ms = {("(Python between ops)" if e.key.startswith("ProfilerStep") else e.key):
+                   e.self_cpu_time_total / num_steps / 1e3 for e in events}
+        calls = {e.key: e.count / num_steps for e in events}
+        return self_ms, calls
+
+    def ours(on_step) -> None:
+        trainer, one_step = ours_loop(cfg)
+        for _ in range(cfg.train.max_steps):
+            one_step()
+            on_step()
+        trainer.writer.close()
+
+    loops = {"DDP": profiled(lambda on_step: step_times(cfg, *ddp_loop(cfg), on_step=on_step)),
+             "bare DeepSpeed": profiled(lambda on_step: step_times(cfg, *bare_deepspeed_loop(cfg), on_step=on_step)),
+             "pnet_dist loop": profiled(ours)}
+    ranked = sorted({key for self_ms, _ in loops.values() for key in self_ms},
+                    key=lambda key: -max(self_ms.get(key, 0.0) for self_ms, _ in loops.values()))
+    lines = [(f"profile, {name}: self CPU ms per step on rank 0 (torch.profiler, {num_steps} steps after "
+              f"{warmup} warm-up), top {top} ops"),
+             f"| {'op':<60} | " + " | ".join(f"{loop:>14}" for loop in loops) + " |",
+             f"|{'-' * 62}|" + "|".join("-" * 16 for _ in loops) + "|"]
+    for key in ranked[:top]:
+        lines.append(f"| {key[:60]:<60} | " + " | ".join(f"{self_ms.get(key, 0.0):>14.2f}" for self_ms, _ in loops.values())
+                     + " |")
+    lines.append(f"| {'all ops + Python, total':<60} | "
+                 + " | ".join(f"{sum(self_ms.values()):>14.2f}" for self_ms, _ in loops.values()) + " |")
+    lines.append(f"| {'collectives per step (c10d:: calls)':<60} | "
+                 + " | ".join(f"{sum(n for k, n in calls.items() if k.startswith('c10d::')):>14.1f}"
+                              for _, calls in loops.values()) + " |")
+    lines.append(f"| {'op calls per step':<60} | "
+                 + " | ".join(f"{sum(calls.values()):>14.0f}" for _, calls in loops.values()) + " |")
+    return "\n".join(lines)
+
+
+def profiles(args, workdir: str) -> list[str]:
+    return [profile_case(base_config(workdir, f"profile_{index}", args.profile_steps + args.warmup, args.warmup,
+                                     overrides), name, args.profile_steps, args.profile_top)
+            for index, (name, overrides) in enumerate(CASES.items())]
 
 
 def engine_vs_ddp(args, workdir: str) -> list[tuple[str, float, float, str]]:
     rows = []
     for index, (name, overrides) in enumerate(CASES.items()):
-        ours, bare, baseline = [], [], []
+        ours, bare, bare_zero1, baseline = [], [], [], []
         for round_index in range(args.rounds):
             cfg = base_config(workdir, f"bench_{index}_{round_index}", args.steps, args.warmup, overrides)
-            baseline.append(time_ddp(cfg, args.warmup))
-            bare.append(time_bare_deepspeed(cfg, args.warmup))
+            zero1 = base_config(workdir, f"bench_{index}_{round_index}_z1", args.steps, args.warmup,
+                                [*overrides, "deepspeed.zero_stage=1"])
+            baseline.append(interval_median(step_times(cfg, *ddp_loop(cfg)), args.warmup))
+            bare.append(interval_median(step_times(cfg, *bare_deepspeed_loop(cfg)), args.warmup))
+            bare_zero1.append(interval_median(step_times(zero1, *bare_deepspeed_loop(zero1)), args.warmup))
             ours.append(time_ours(cfg))
-        ours_s, bare_s, ddp_s = (statistics.median(v) for v in (ours, bare, baseline))
+        ours_s, bare_s, zero1_s, ddp_s = (statistics.median(v) for v in (ours, bare, bare_zero1, baseline))
         rows += [(f"step time, {name}: pnet_dist loop / DDP", ours_s, ddp_s, "s", ours_s / ddp_s, ["<=", TARGET_RATIO]),
                  ("  of which DeepSpeed: bare ZeRO-2 engine / DDP", bare_s, ddp_s, "s", bare_s / ddp_s, None),
-                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", ours_s / bare_s, None)]
+                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", ours_s / bare_s, None),
+                 ("  for comparison, DeepSpeed at zero_stage 1: bare ZeRO-1 engine / DDP", zero1_s, ddp_s, "s",
+                  zero1_s / ddp_s, None)]
     return rows
 
 
@@ -162,19 +260,23 @@ def worker(args) -> None:
     workdir = [tempfile.mkdtemp(prefix="bench_engine_") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(workdir)
     rows = [row for bench in BENCHES for row in bench(args, workdir[0])]
+    tables = profiles(args, workdir[0]) if args.profile_steps else []
     dist.barrier()
     if dist.get_rank() == 0:
         print("BENCH_ROWS " + json.dumps(rows), flush=True)
+        print("BENCH_PROFILE " + json.dumps(tables), flush=True)
         shutil.rmtree(workdir[0], ignore_errors=True)
     dist.destroy_process_group()
 
 
-def run_stage(cmd: list[str], env: dict[str, str]) -> list:
+def run_stage(cmd: list[str], env: dict[str, str]) -> dict:
+    """{tag: JSON} of the stage's BENCH_ROWS / BENCH_PROFILE lines."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROWS ")), None)
-    if proc.returncode != 0 or line is None:
+    printed = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith(("BENCH_ROWS ", "BENCH_PROFILE "))}
+    if proc.returncode != 0 or "BENCH_ROWS" not in printed:
         sys.exit(f"benchmark failed: {' '.join(cmd)} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
-    return json.loads(line[len("BENCH_ROWS "):])
+    return printed
 
 
 def main() -> None:
@@ -186,6 +288,9 @@ def main() -> None:
                         help="model size of the checkpoint rows, millions of parameters")
     parser.add_argument("--checkpoint-repeats", type=int, default=5)
     parser.add_argument("--skip-checkpoint", action="store_true", help="only the step-time rows")
+    parser.add_argument("--profile-steps", type=int, default=20,
+                        help="steps profiled per loop and case after the timing rounds (0: no profile)")
+    parser.add_argument("--profile-top", type=int, default=12, help="ops listed in each profile table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -195,11 +300,14 @@ def main() -> None:
            "PYTHONPATH": str(REPO),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     load_at_start = os.getloadavg()[0]
-    rows = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-                      "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}"], env)
+    printed = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+                         "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}",
+                         f"--profile-steps={args.profile_steps}", f"--profile-top={args.profile_top}"], env)
+    rows = printed["BENCH_ROWS"]
     if not args.skip_checkpoint:
         rows += run_stage([sys.executable, str(REPO / "tools" / "bench_checkpoint.py"), "--rows-json",
-                           f"--params-m={args.checkpoint_params_m}", f"--repeats={args.checkpoint_repeats}"], env)
+                           f"--params-m={args.checkpoint_params_m}", f"--repeats={args.checkpoint_repeats}"],
+                          env)["BENCH_ROWS"]
     print(f"step time: 2 ranks (gloo, CPU), ZeRO-2 fp32, {args.steps} steps, {args.warmup} warm-up, median of "
           f"{args.rounds} rounds; checkpoint: 1 rank, ZeRO-1, moto S3 on 127.0.0.1, median of "
           f"{args.checkpoint_repeats}; {os.cpu_count()} CPU cores, load average {load_at_start:.1f} at start, "
@@ -209,6 +317,8 @@ def main() -> None:
     for name, ours, baseline, unit, ratio, target in rows:
         verdict = "" if target is None else f"{target[0]}{target[1]:g} {'ok' if OPS[target[0]](ratio, target[1]) else 'MISSED'}"
         print(f"| {name:<80} | {ours:>8.4f}{unit:>4} | {baseline:>8.4f}{unit:>4} | {ratio:>6.3f} | {verdict:>12} |")
+    for table in printed.get("BENCH_PROFILE", []):
+        print("\n" + table)
 
 
 if __name__ == "__main__":

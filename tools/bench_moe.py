@@ -10,6 +10,8 @@ FLOPs per token = 6 * active params + 12 * layers * dim * seq (LlamaForCausalLM.
 
     python tools/bench_moe.py            # CPU tables
     python tools/bench_moe.py --gpu      # GPU table (peak bf16 TFLOP/s guessed for H100/H200)
+    python tools/bench_moe.py --gpu --dry-run   # the GPU table's code on the CPU: debug models,
+                                                # seq 64, MFU against --peak-tflops (default 1)
 """
 from __future__ import annotations
 
@@ -30,7 +32,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: on a small shared machine, extra "
                              "threads mostly measure OpenMP barriers waiting on other processes)")
-    return parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --gpu: the same code on the CPU with the debug models, in seconds "
+                             "(tools/gpu_check.sh in CI)")
+    args = parser.parse_args()
+    if args.dry_run and not args.gpu:
+        parser.error("--dry-run goes with --gpu (the CPU tables are already small)")
+    return args
 
 
 if __name__ == "__main__":
@@ -159,7 +167,16 @@ def bench_expert_parallel(batch: int, seq_len: int, repeats: int) -> list[tuple]
         [("EP=2 / EP=1 time", None, seconds[2] / seconds[1])]
 
 
-def bench_gpu(batch: int, seq_len: int, repeats: int, peak_tflops: float | None) -> list[tuple]:
+GPU_MODELS = ("llama_1b", "pnet_llama_1b_up_e8")
+DRY_RUN_MODELS = ("llama_debug", "pnet_llama_debug_up_e8")
+
+
+def bench_gpu(batch: int, seq_len: int, repeats: int, peak_tflops: float | None, dry_run: bool = False) -> list[tuple]:
+    if dry_run:  # the same rows from the CPU; the MFU column is against the given peak
+        return [(name, "cpu (dry run)", batch, result["tokens_per_s"], result["flops_per_s"] / 1e12,
+                 result["flops_per_s"] / ((peak_tflops or 1.0) * 1e12), 0.0)
+                for name in DRY_RUN_MODELS
+                for (result,) in [bench_training([name], torch.device("cpu"), batch, seq_len, repeats, torch.bfloat16)]]
     device = torch.device("cuda")
     device_name = torch.cuda.get_device_name(device)
     if peak_tflops is None:
@@ -167,7 +184,7 @@ def bench_gpu(batch: int, seq_len: int, repeats: int, peak_tflops: float | None)
         if peak_tflops is None:
             raise ValueError(f"unknown peak bf16 TFLOP/s for {device_name!r}; pass --peak-tflops")
     rows = []
-    for name in ("llama_1b", "pnet_llama_1b_up_e8"):
+    for name in GPU_MODELS:
         torch.cuda.reset_peak_memory_stats(device)
         (result,) = bench_training([name], device, batch, seq_len, repeats, torch.bfloat16,
                                    sync=torch.cuda.synchronize)
@@ -196,8 +213,11 @@ def _format(value) -> str:
 
 def main(args: argparse.Namespace) -> None:
     if args.gpu:
-        rows = bench_gpu(args.batch or 4, 2048, args.repeats, args.peak_tflops)
-        _print_table("1B models, seq 2048, bf16 autocast, fwd+bwd+AdamW",
+        seq_len = 64 if args.dry_run else 2048
+        rows = bench_gpu(args.batch or (2 if args.dry_run else 4), seq_len, 1 if args.dry_run else args.repeats,
+                         args.peak_tflops, args.dry_run)
+        _print_table(f"{'debug models (dry run)' if args.dry_run else '1B models'}, seq {seq_len}, bf16 autocast, "
+                     "fwd+bwd+AdamW",
                      ("model", "device", "batch", "tokens/s", "TFLOP/s", "MFU", "peak GiB"), rows)
         dense, moe = rows
         print(f"\nMoE-8 (up) / dense tokens/s: {moe[3] / dense[3]:.3f}")
