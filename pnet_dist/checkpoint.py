@@ -269,6 +269,9 @@ class CheckpointStore:
         started = time.monotonic()
         listing = self._listing(prefix)
         if COMPLETE in listing and DAMAGED not in listing:
+            # Written nothing, but a newer generation may have saved this step: an orphaned writer
+            # that only ever finds its steps complete must stop too, not train on unseen.
+            self.check_fence()
             if rank == 0:
                 log.info("checkpoint %s is already complete; not saving it again", self.storage.uri(prefix))
             shutil.rmtree(folder, ignore_errors=True)

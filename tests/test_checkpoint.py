@@ -352,6 +352,22 @@ def test_a_newer_generation_fences_out_the_older_writer(process_group, tmp_path,
     assert claims == ["generation_00000001.json", "generation_00000002.json"]
 
 
+def test_an_older_writer_that_finds_its_step_saved_by_the_newer_generation_stops_too(process_group, tmp_path):
+    """The orphan that lags behind the new run never writes (each of its steps is complete already);
+    it must still stop, not train on unseen."""
+    engine = build_engine()
+    old = checkpointer(engine, str(tmp_path), async_upload=False)
+    old.start({})
+    new_engine = build_engine()
+    new = checkpointer(new_engine, str(tmp_path), async_upload=False)
+    assert new.start({}) is None and new.store.generation == 2
+    train(new_engine, 0, 1)
+    new.save(1, {}, wait_for_previous=True)
+    train(engine, 0, 1)
+    with pytest.raises(Fenced, match="claimed by writer generation 2"):
+        old.save(1, {}, wait_for_previous=True)
+
+
 @pytest.mark.parametrize("mode", ["refuse", "stall"])
 def test_a_storage_outage_neither_blocks_training_nor_loses_the_checkpoint(process_group, s3_server, s3_bucket,
                                                                             mode, pnet_logs):
