@@ -70,7 +70,8 @@ def test_schema_rejects_a_misspelled_key():
 
 
 # -- cluster/aws.yaml as Ray would start it, offline -------------------------------------------------
-# What the image is (its name, region, glibc, CUDA), from AWS's description of it; a new ImageId in
+# What the image is (its name, region, glibc, CUDA), as recorded when it was chosen (not checked
+# against AWS from here: README says to confirm the id with `aws ssm get-parameter`); a new ImageId in
 # aws.yaml needs its line here, so the checks below follow the image.
 AMI_FACTS = {
     "ami-028357be7d5b15c53": dict(name="Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) 20261006",
