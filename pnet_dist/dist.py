@@ -97,20 +97,32 @@ def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> li
     were most of what the loop added to DeepSpeed's step (tools/bench_engine.py profile)."""
     world_size = get_world_size()
     device = _collective_device()
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in (average if world_size > 1 else ()):
-        groups.setdefault(t.dtype, []).append(t)
+    groups = by_dtype(average) if world_size > 1 else {}
     parts = [stats.reshape(-1)] + [torch.cat([t.reshape(-1) for t in group]) for group in groups.values()]
     flat = torch.cat([part.to(device, torch.float64) for part in parts])
     if world_size > 1:
         dist.all_reduce(flat)
         offset = stats.numel()
         for dtype, group in groups.items():
-            sizes = [t.numel() for t in group]
-            means = (flat[offset:offset + sum(sizes)] / world_size).to(group[0].device, dtype).split(sizes)
-            torch._foreach_copy_(group, [m if m.shape == t.shape else m.view_as(t) for t, m in zip(group, means)])
-            offset += sum(sizes)
+            size = sum(t.numel() for t in group)
+            means = (flat[offset:offset + size] / world_size).to(group[0].device, dtype)
+            torch._foreach_copy_(group, split_like(means, group))
+            offset += size
     return flat[:stats.numel()].tolist()
+
+
+def by_dtype(tensors) -> dict[torch.dtype, list[torch.Tensor]]:
+    """`tensors` grouped by dtype, in order: each group can be one flat tensor (torch.cat)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+def split_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of the flat tensor, one per tensor of `tensors`, in its order and shape."""
+    pieces = flat.split([t.numel() for t in tensors])
+    return [p if p.shape == t.shape else p.view_as(t) for t, p in zip(tensors, pieces)]
 
 
 def broadcast_object(obj):

@@ -130,15 +130,11 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
 
 def snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of `tensors` in one op per dtype (the loop takes one of every buffer each step)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(index)
-    copies: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for indices in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            copies[i] = piece if piece.shape == tensors[i].shape else piece.view_as(tensors[i])
-    return copies
+    copies = {}
+    for group in dist.by_dtype(tensors).values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        copies.update(zip(map(id, group), dist.split_like(flat, group)))
+    return [copies[id(t)] for t in tensors]
 
 
 def train_worker(cfg: JobConfig, task=None) -> dict:
