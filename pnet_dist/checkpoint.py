@@ -61,7 +61,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from pnet_dist.log import get_logger
 from pnet_dist.storage import RetryPolicy, is_s3, open_storage, sha256_file
@@ -205,10 +205,12 @@ class CheckpointStore:
         return folder
 
     def publish(self, step: int, folder: Path, *, rank: int, world_size: int, info: dict,
-                prepare: Callable[[], None] | None = None) -> None:
+                prepare: Callable[[], Mapping[str, str] | None] | None = None) -> None:
         """Make this rank's files in `folder` part of checkpoint `step`, in the background.
 
-        prepare() runs first on the background thread (the format's deferred serialisation).
+        prepare() runs first on the background thread (the format's deferred serialisation); it may
+        return {path of a file it wrote: sha256 taken while writing it}, and those files are then
+        uploaded without hashing them again.
         info: what MANIFEST.json records besides step, world_size, generation and files (rank 0's
         counts). With async_upload off this returns when the checkpoint is published.
         """
@@ -217,10 +219,10 @@ class CheckpointStore:
 
         def job() -> None:
             write_started = time.monotonic()
-            if prepare is not None:
-                prepare()
+            written = (prepare() if prepare is not None else None) or {}
+            known = {Path(path).relative_to(folder).as_posix(): digest for path, digest in written.items()}
             upload_started = time.monotonic()
-            num_bytes = self._publish(step, folder, rank, world_size, info)
+            num_bytes = self._publish(step, folder, rank, world_size, info, known)
             prune_started = time.monotonic()
             if rank == 0 and num_bytes is not None:
                 self._prune()
@@ -261,9 +263,11 @@ class CheckpointStore:
             log.error("checkpoint upload failed: %s", exc)
             self._error = exc
 
-    def _publish(self, step: int, folder: Path, rank: int, world_size: int, info: dict) -> int | None:
+    def _publish(self, step: int, folder: Path, rank: int, world_size: int, info: dict,
+                 known: Mapping[str, str]) -> int | None:
         """Upload this rank's files and receipt (rank 0 then completes the checkpoint); its bytes,
-        or None when the step was complete already."""
+        or None when the step was complete already. known: {rel: sha256} of files hashed as they
+        were written."""
         prefix = step_prefix(step)
         deadline = time.monotonic() + self.upload_timeout_s
         started = time.monotonic()
@@ -278,7 +282,7 @@ class CheckpointStore:
             return None
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         receipt = {"rank": rank, "step": step, "world_size": world_size, "generation": self.generation,
-                   "files": self._upload_files(folder, files, prefix, deadline)}
+                   "files": self._upload_files(folder, files, prefix, deadline, known)}
         self.check_fence()
         self.storage.put_bytes(json.dumps(receipt, indent=1).encode(), f"{prefix}/{receipt_name(rank)}")
         shutil.rmtree(folder, ignore_errors=True)
@@ -289,17 +293,18 @@ class CheckpointStore:
             self._finalize(step, world_size, info, receipt, listing, deadline)
         return num_bytes
 
-    def _upload_files(self, src_dir: Path, files: list[str], prefix: str, deadline: float) -> dict:
+    def _upload_files(self, src_dir: Path, files: list[str], prefix: str, deadline: float,
+                      known: Mapping[str, str] | None = None) -> dict:
         """Upload (or, on a local root, move) files; {rel: {size, sha256}}, the hash taken while
-        reading for the upload. Several files are in flight at once, as a raw boto3 upload of
-        many parts would be."""
+        the file was written (`known`) or else while reading it for the upload. Several files are
+        in flight at once, as a raw boto3 upload of many parts would be."""
         sizes = {rel: (src_dir / rel).stat().st_size for rel in files}
 
         def upload(rel: str) -> str:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"upload of {self.storage.uri(f'{prefix}/{rel}')} passed "
                                    f"checkpoint.upload_timeout_s={self.upload_timeout_s:g}s")
-            return self.storage.move_file(src_dir / rel, f"{prefix}/{rel}")
+            return self.storage.move_file(src_dir / rel, f"{prefix}/{rel}", (known or {}).get(rel))
 
         self.check_fence()  # once for the batch of uploads: a request per file would cost more than the upload of small files
         with ThreadPoolExecutor(max_workers=_FILES_IN_FLIGHT) as pool:

@@ -55,6 +55,7 @@ from pnet_dist.checkpoint import CheckpointDamaged, CheckpointStore, Scanned, st
 from pnet_dist.dist import get_rank, get_world_size, rank0_decides
 from pnet_dist.log import get_logger
 from pnet_dist.models.moe import moe_layers
+from pnet_dist.storage import HashingWriter
 
 log = get_logger(__name__)
 
@@ -400,11 +401,22 @@ class _DeferredWrites:
     def save(self, state_dict, path) -> None:
         self.pending.append((str(path), _cpu_snapshot(state_dict)))
 
-    def write_all(self) -> None:
+    def write_all(self) -> dict[str, str]:
+        """Write every pending state; {path: sha256} of the files whose bytes were hashed on their
+        way to the disk (DeepSpeed's torch.save engine, the one in use on CPU and GPU nodes alike):
+        their upload reads them without hashing them again."""
+        digests = {}
         for path, state in self.pending:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.real.save(state, path)
+            if type(self.real).__name__ != "TorchCheckpointEngine":
+                self.real.save(state, path)
+                continue
+            with open(path, "wb") as f:  # what TorchCheckpointEngine.save does, through a hashing writer
+                writer = HashingWriter(f)
+                torch.save(state, writer, _use_new_zipfile_serialization=self.real.zipfile_serialization)
+            digests[path] = writer.hexdigest()
         self.pending.clear()
+        return digests
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)

@@ -181,16 +181,25 @@ class Storage:
         os.replace(tmp, dest)
 
     # -- interface -----------------------------------------------------------------------
-    def put_file(self, local_path: str | os.PathLike, key: str) -> str:
-        """Upload (or copy) a local file to key; returns its sha256, computed from the bytes as they
-        are read for the upload -- one pass over the file, not a second one for the checksum."""
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> str:
+        """Upload (or copy) a local file to key; returns its sha256. Without `sha256` it is computed
+        from the bytes as they are read for the upload -- one pass over the file, not a second one
+        for the checksum. A caller that took the digest from the bytes as it wrote the file passes
+        it as `sha256`: the upload then reads the file in parts from several threads, as boto3's
+        upload_file does, and hashes nothing."""
         if is_s3(self.root):
             def upload() -> str:
+                if sha256 is not None:
+                    self.transfer.upload(str(local_path), self.bucket, self._key(key)).result()
+                    return sha256
                 with open(local_path, "rb") as f:
                     reader = _HashingReader(f)
                     self.transfer.upload(reader, self.bucket, self._key(key)).result()
                 return reader.hexdigest()
             return with_retries(upload, f"upload {local_path} -> {self.uri(key)}", self.retry)
+        if sha256 is not None:
+            self._write_local(key, lambda tmp: shutil.copyfile(local_path, tmp))
+            return sha256
         digest = hashlib.sha256()
 
         def copy(tmp: Path) -> None:
@@ -201,19 +210,20 @@ class Storage:
         self._write_local(key, copy)
         return digest.hexdigest()
 
-    def move_file(self, local_path: str | os.PathLike, key: str) -> str:
+    def move_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> str:
         """put_file, then the local file is gone; a local root on the same file system renames it
-        (nothing copied; the checksum read is the only pass). Returns its sha256."""
+        (nothing copied; the checksum read, unless `sha256` is given, is the only pass). Returns
+        its sha256."""
         if not is_s3(self.root):
             dest = self._local(key)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            digest = sha256_file(local_path)
+            digest = sha256 if sha256 is not None else sha256_file(local_path)
             try:
                 os.replace(local_path, dest)
                 return digest
             except OSError:  # another file system: copy below
                 pass
-        digest = self.put_file(local_path, key)
+        digest = self.put_file(local_path, key, sha256)
         os.unlink(local_path)
         return digest
 
@@ -372,6 +382,30 @@ class _HashingReader:
 
     def seekable(self) -> bool:
         return False
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+class HashingWriter:
+    """A write-only file object that hashes what is written through it (torch.save accepts it):
+    the file's sha256 and size without reading the file back."""
+
+    def __init__(self, f):
+        self._f = f
+        self._digest = hashlib.sha256()
+        self.num_bytes = 0
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        self.num_bytes += memoryview(data).nbytes
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from pnet_dist.storage import RetryPolicy, Storage, open_storage, split_s3, with_retries
+import torch
+
+from pnet_dist.storage import HashingWriter, RetryPolicy, Storage, open_storage, split_s3, with_retries
 
 pytestmark = pytest.mark.unit
 
@@ -79,6 +81,24 @@ def test_upload_returns_the_sha256_of_what_it_read_and_move_removes_the_source(s
     storage.delete("moved.bin")
     storage.delete("moved.bin")  # already gone: no error
     assert storage.list() == ["big.bin"]
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_a_file_hashed_as_torch_save_wrote_it_uploads_with_that_digest(storage, tmp_path, zipfile):
+    """The asynchronous checkpoint writes its files through HashingWriter and uploads them with the
+    digest it took (no second hashing pass); that digest is the written file's, in both of
+    torch.save's formats, and the upload carries the file's bytes."""
+    state = {"w": torch.randn(3 << 20), "step": 7}  # 12 MiB of tensor: two multipart parts on S3
+    src = tmp_path / "state.pt"
+    with open(src, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(state, writer, _use_new_zipfile_serialization=zipfile)
+    data = src.read_bytes()
+    assert writer.hexdigest() == hashlib.sha256(data).hexdigest() and writer.num_bytes == len(data)
+    assert torch.equal(torch.load(src)["w"], state["w"])
+    assert storage.move_file(src, "state.pt", writer.hexdigest()) == writer.hexdigest() and not src.exists()
+    storage.get_file("state.pt", tmp_path / "back.pt")
+    assert (tmp_path / "back.pt").read_bytes() == data
 
 
 def test_create_exclusive_lets_one_writer_win(storage):
