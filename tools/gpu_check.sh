@@ -76,7 +76,7 @@ else
         "$python" tools/bench_dynamic_conv.py --device cuda --amp bf16 --channels-last --batch 128 --repeats 5
     section 3 "1B LLaMA dense and MoE-8: tokens/s and MFU" "$python" tools/bench_moe.py --gpu
     section 4 "image pipeline: all cores vs the GPU path" \
-        "$python" tools/bench_loader.py --device cuda --workers "$(nproc)" --images 800 --epochs 2 --batch-size 128
+        "$python" tools/bench_loader.py --device cuda --workers "$(nproc)" --images 800 --epochs 2 --batch-size 128 --rounds 3
     steps=200 quickstart_overrides=(scaling.use_gpu=true deepspeed.precision=bf16)
 fi
 
