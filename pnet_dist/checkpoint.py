@@ -21,11 +21,11 @@ root_uri is the run folder, <checkpoint.uri>/<run_name>, a local (shared) folder
 
 Saving: publish() hands the files to a background thread (or runs inline with async_upload off).
 Every storage call of a save runs there -- the fence check, "is this step complete already?", the
-uploads (sha256 computed from the bytes as they are read for the upload), the receipt, and on
-rank 0 the wait for every rank's receipt, the removal of files an earlier crashed save left,
-MANIFEST.json, COMPLETE and pruning -- so an object-store outage never stalls training. Retries
-run until checkpoint.upload_timeout_s. One publish is in flight at a time (busy()); the caller
-decides whether a new save waits or is skipped.
+uploads (sha256 taken from the bytes as prepare() wrote them, else as they are read for the upload),
+the receipt, and on rank 0 the wait for every rank's receipt, the removal of files an earlier
+crashed save left, MANIFEST.json, COMPLETE and pruning -- so an object-store outage never stalls
+training. Retries run until checkpoint.upload_timeout_s. One publish is in flight at a time
+(busy()); the caller decides whether a new save waits or is skipped.
 
 Loading: scan() lists the checkpoints newest first, each with the problem its listing shows (no
 COMPLETE, COMPLETE not matching MANIFEST.json, a manifest that is not JSON or lacks its fields, a
