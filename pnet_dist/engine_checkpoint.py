@@ -405,10 +405,11 @@ class _DeferredWrites:
         """Write every pending state; {path: sha256} of the files whose bytes were hashed on their
         way to the disk (DeepSpeed's torch.save engine, the one in use on CPU and GPU nodes alike):
         their upload reads them without hashing them again."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
         digests = {}
         for path, state in self.pending:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            if type(self.real).__name__ != "TorchCheckpointEngine":
+            if type(self.real) is not TorchCheckpointEngine:  # another engine (or a subclass): its own save
                 self.real.save(state, path)
                 continue
             with open(path, "wb") as f:  # what TorchCheckpointEngine.save does, through a hashing writer

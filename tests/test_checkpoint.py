@@ -154,6 +154,27 @@ def test_save_then_restore_brings_back_engine_buffers_and_every_stateful(process
     assert not any((tmp_path / "run" / ".staging").rglob("*.pt")), "staging folder was not emptied"
 
 
+def test_async_save_hashes_its_files_as_it_writes_them(process_group, tmp_path, monkeypatch):
+    """The background write takes each file's sha256 from the bytes torch.save produces: the
+    publish reads no file back for its checksum, and the manifest's digests are the files'."""
+    from pnet_dist import storage as storage_module
+    engine = build_engine(stage=2)
+    ckpt = checkpointer(engine, str(tmp_path / "run"), async_upload=True)
+    ckpt.start({})
+    train(engine, 0, 1)
+
+    def read_back(path):
+        raise AssertionError(f"{path} was read back for its checksum")
+    monkeypatch.setattr(storage_module, "sha256_file", read_back)
+    assert ckpt.save(1, {"loader": Box({"pos": 4})}, wait_for_previous=True)
+    ckpt.wait()
+    step_dir = tmp_path / "run" / "ckpt" / step_dir_name(1)
+    files = json.loads((step_dir / "MANIFEST.json").read_text())["files"]
+    assert client_state_name(0) in files and any("optim_states" in rel for rel in files)
+    for rel, meta in files.items():
+        assert hashlib.sha256((step_dir / rel).read_bytes()).hexdigest() == meta["sha256"], rel
+
+
 def test_async_save_holds_the_state_of_its_step_while_training_goes_on(process_group, tmp_path):
     engine = build_engine(stage=2)
     ckpt = checkpointer(engine, str(tmp_path), keep_last=1)
