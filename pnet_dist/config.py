@@ -96,7 +96,7 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Literal[1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2        # 0: data parallel, optimizer state whole on every rank
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_accum_steps: int = 1
     offload_optimizer: bool = False
@@ -466,6 +466,16 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
                  "use deepspeed.zero_stage 1 or 2 for vision models with EMA")
 
     ds = cfg.deepspeed
+    if ds.zero_stage == 0:
+        if ds.offload_optimizer:
+            fail("deepspeed.offload_optimizer", "true needs ZeRO (zero_stage 1 or 2): stage 0 keeps the optimizer "
+                 "on the GPU; remove it or set deepspeed.zero_stage")
+        if ds.precision == "fp16" or (ds.precision == "bf16" and cfg.data.kind == "text"):
+            fail("deepspeed.zero_stage", f"0 takes fp32 weights (precision fp32, or bf16 for vision models, which "
+                 f"train under autocast); precision {ds.precision} here: use zero_stage 1 or 2, or precision fp32")
+        if ds.ep_size > 1:
+            fail("deepspeed.zero_stage", "0 does not combine with expert parallelism (deepspeed.ep_size > 1): "
+                 "use zero_stage 1 or 2")
     if ds.precision == "fp16" and not cfg.scaling.use_gpu:
         fail("deepspeed.precision", "fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU")
     if ds.ep_size > 1:
@@ -494,8 +504,9 @@ def validate(cfg: JobConfig, source: str = "<config>") -> None:
 # -- the DeepSpeed settings a mixture-of-experts model trains under --------------------------
 def check_moe_deepspeed(cfg: JobConfig, source: str = "<config>") -> None:
     """THE place that decides which DeepSpeed settings a model with MoE projections trains under,
-    at any deepspeed.ep_size (1 included): ZeRO stage 1 or 2, fp32 or bf16, no optimizer offload,
-    DeepSpeed's default reduce_scatter and contiguous_gradients.
+    at any deepspeed.ep_size (1 included): ZeRO stage 1 or 2 (or 0, without expert parallelism:
+    then nothing is partitioned and DeepSpeed's own format holds every expert), fp32 or bf16, no
+    optimizer offload, DeepSpeed's default reduce_scatter and contiguous_gradients.
 
     Why: DeepSpeed refuses expert-parallel parameters under ZeRO-3; our topology-independent MoE
     checkpoint (pnet_dist.moe_deepspeed) reads ZeRO-1/2 partitions and carries neither the fp16
@@ -508,7 +519,8 @@ def check_moe_deepspeed(cfg: JobConfig, source: str = "<config>") -> None:
 
     def fail(key: str, message: str) -> None:
         raise ValueError(f"{source}: {key}: {message} (model {cfg.model.name} has mixture-of-experts layers; "
-                         "supported for MoE: zero_stage 1 or 2, precision fp32 or bf16, no offload_optimizer)")
+                         "supported for MoE: zero_stage 1 or 2 (0 without expert parallelism), precision fp32 or bf16, "
+                         "no offload_optimizer)")
 
     if ds.zero_stage == 3:
         fail("deepspeed.zero_stage", "3 is not supported; use 2 (and deepspeed.ep_size > 1 to shard the experts, "

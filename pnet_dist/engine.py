@@ -10,11 +10,20 @@ Choices, and why:
 - The optimizer is torch's AdamW, passed to deepspeed.initialize as an object: DeepSpeed's
   FusedAdam is a 69 s JIT build on first use (STACK.md) and buys nothing on CPU. Parameter groups
   (no decay on norms/biases, layer-wise lr decay) come from pnet_dist.optim.
+- deepspeed.zero_stage 0 is DeepSpeed's data parallelism without ZeRO: bucketed gradient
+  all-reduce, the whole AdamW state on every rank, no parameter all-gather -- plain DDP's
+  collectives, for models whose optimizer state fits on every GPU (ParameterNet's does many times
+  over). ZeRO-1/2 add a parameter all-gather, per-group gradient-norm reductions and (ZeRO-2)
+  per-parameter gradient hooks, 7-20% of a step of these small models (tools/bench_engine.py).
+  DeepSpeed leaves the step to the client optimizer there, so it is optim.GuardedAdamW, which
+  clips and skips non-finite steps like the ZeRO optimizers do. Stage 0 takes fp32 weights (fp32,
+  or bf16 autocast for BatchNorm models): with bf16 weights DeepSpeed's bf16 optimizer shards its
+  fp32 masters like ZeRO-1, and with MoE expert parallelism the expert gradients need ZeRO-1/2.
 - The schedule is a torch LambdaLR (warm-up + cosine) handed to DeepSpeed, which steps it after
   every applied optimizer step and saves it in its checkpoint.
-- Non-finite gradients: DeepSpeed's ZeRO optimizers (every stage, fp32, bf16 and fp16) check the
-  gradients before the update and skip the step -- dropping the accumulated gradients -- when
-  any rank has an inf/NaN. The loop relies on that single mechanism for non-finite losses
+- Non-finite gradients: DeepSpeed's ZeRO optimizers (every stage, fp32, bf16 and fp16) and, at
+  stage 0, optim.GuardedAdamW check the gradients before the update and skip the step --
+  dropping the accumulated gradients -- when any rank has an inf/NaN. The loop relies on that single mechanism for non-finite losses
   (see train.train_step); `poison_nonfinite` makes sure a non-finite loss always yields non-finite
   gradients, even in the rare case (an inf loss) whose backward would be finite.
 - bf16 means two things. Models with BatchNorm (the vision family) train under torch autocast
@@ -58,7 +67,7 @@ import deepspeed  # noqa: E402
 
 from pnet_dist.config import JobConfig, check_moe_deepspeed  # noqa: E402
 from pnet_dist.models.moe import moe_layers  # noqa: E402
-from pnet_dist.optim import build_lr_scheduler, build_param_groups  # noqa: E402
+from pnet_dist.optim import GuardedAdamW, build_lr_scheduler, build_param_groups  # noqa: E402
 
 # deepspeed.init_distributed prints this on every rank, also when the op only loads from the cache.
 _SHM_OP_PRINT = re.compile(r"^DeepSpeed \S+ built successfully\n?$")
@@ -88,6 +97,11 @@ def build_ds_config(cfg: JobConfig, world_size: int, model: nn.Module) -> dict:
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if ds.precision == "fp16" and has_batchnorm:
         raise ValueError(f"deepspeed.precision=fp16 is not supported for {cfg.model.name} (BatchNorm); use bf16")
+    if ds.zero_stage == 0 and not has_batchnorm and ds.precision != "fp32":
+        # With bf16/fp16 weights DeepSpeed wraps the optimizer in its own (the bf16 one shards the
+        # fp32 masters over the ranks like ZeRO-1); stage 0 is for a client optimizer kept whole.
+        raise ValueError(f"deepspeed.zero_stage=0 with precision={ds.precision} on {cfg.model.name} (no BatchNorm: "
+                         "low-precision weights): use zero_stage 1 or 2, or precision fp32")
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -95,7 +109,8 @@ def build_ds_config(cfg: JobConfig, world_size: int, model: nn.Module) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
         "train_batch_size": cfg.data.batch_size * ds.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Stage 0: GuardedAdamW clips (and skips non-finite steps) itself; see build_engine.
+        "gradient_clipping": cfg.optim.grad_clip if ds.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16" and not has_batchnorm},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -134,8 +149,11 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int):
     if cfg.deepspeed.ep_size > 1:
         from pnet_dist.moe_deepspeed import moe_param_groups
         param_groups = moe_param_groups(param_groups)
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    adamw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if cfg.deepspeed.zero_stage == 0:
+        optimizer = GuardedAdamW(param_groups, max_grad_norm=cfg.optim.grad_clip, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, **adamw)
     scheduler = build_lr_scheduler(optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                    warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -11,7 +11,8 @@ Formats, chosen by the model (recorded as MANIFEST.json "format"):
   the saved data-parallel world size directly; on another one through DeepSpeed's universal form
   (its ds_to_universal tool, run once in a subprocess and stored beside the checkpoint as the
   derived form "universal"), with the engine's load_universal_checkpoint switched on for that
-  one call (ZeRO-1/2/3).
+  one call (ZeRO-1/2/3). At zero_stage 0 nothing is partitioned: the model-states file holds the
+  module and the whole optimizer, and loads as it is on any world size.
 - "moe": any model with a pnet_dist.models.moe projection under ZeRO-1/2 is saved with
   pnet_dist.moe_deepspeed.save_checkpoint: DeepSpeed's own files would lose the experts of other
   expert-parallel ranks and cannot be resharded (ds_to_universal fails on MoE), while that format

@@ -1,6 +1,6 @@
 """Export a training checkpoint to plain PyTorch, and LLaMA variants to a Hugging Face-style folder.
 
-Owns the consolidation of a checkpoint (any world size, ZeRO-1/2/3 or the MoE format) into one
+Owns the consolidation of a checkpoint (any world size, ZeRO stage 0-3 or the MoE format) into one
 fp32 state dict that `create_model(name, **kwargs).load_state_dict(...)` takes without DeepSpeed,
 and the writing of the export folder:
 
@@ -12,7 +12,8 @@ and the writing of the export folder:
                          on: data.train_uri of the run's config.yaml, or the dataset given.
 
 ZeRO shards are consolidated by DeepSpeed's zero_to_fp32 in a subprocess (DeepSpeed stays inside
-the engine module); MoE-format checkpoints already hold full fp32 tensors per parameter.
+the engine module); MoE-format checkpoints already hold full fp32 tensors per parameter, and a
+stage-0 checkpoint the whole module in its model-states file.
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def consolidated_state_dict(root_uri: str, step: int | None = None, *, ema_key: 
             state_dict = dict(client_state[ema_key])
         elif manifest["format"] == FORMAT_MOE:
             state_dict = _moe_state_dict(step_dir)
+        elif manifest["zero_stage"] == 0:
+            state_dict = _unpartitioned_state_dict(step_dir)
         else:
             state_dict = _zero_to_fp32(step_dir, Path(tmp) / "fp32")
     if strip_prefix:
@@ -91,6 +94,14 @@ def _zero_to_fp32(step_dir: Path, out_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(out_dir.glob("*.bin"))
     assert len(files) == 1, f"zero_to_fp32 wrote {files}, expected one file"
     return torch.load(files[0], map_location="cpu", weights_only=True)
+
+
+def _unpartitioned_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The module of a deepspeed.zero_stage 0 checkpoint: DeepSpeed's model-states file holds it
+    whole, in the fp32 the stage trains in (pnet_dist.engine refuses stage 0 with bf16 weights)."""
+    files = sorted(step_dir.glob("*model_states.pt"))
+    assert len(files) == 1, f"{step_dir}: expected one model-states file, found {files}"
+    return dict(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
 
 
 def _moe_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ lr decay (finetuning) with layer ids found from parameter names, so one rule ser
 
 Schedule: linear warm-up then cosine from `lr` to `min_lr`, as a multiplier for torch's LambdaLR
 (DeepSpeed steps it and saves its state in the checkpoint). Pure torch; no deepspeed here.
+
+GuardedAdamW: AdamW with the guard DeepSpeed's ZeRO and bf16 optimizers put around their step
+(clip by the global gradient norm; skip the step when a gradient is not finite), for
+deepspeed.zero_stage 0, where DeepSpeed hands the step to the client optimizer unguarded.
 """
 from __future__ import annotations
 
@@ -69,6 +73,41 @@ def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
             "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that, like DeepSpeed's ZeRO optimizers, clips the gradients by their global norm
+    and skips the update when that norm is not finite, reporting it as DeepSpeed expects of a
+    client optimizer: `overflow` (read by the engine after step(): a skipped step leaves the LR
+    schedule alone and makes engine.was_step_applied() False) and `_global_grad_norm` (what
+    engine.get_global_grad_norm() returns).
+
+    For deepspeed.zero_stage 0, whose engine all-reduces the gradients before step(): a NaN on any
+    rank is a NaN on every rank by then, so every rank takes the same decision without a
+    collective of its own. The norm costs one host sync per step, as DeepSpeed's check does.
+    Clipping is torch.nn.utils.clip_grad_norm_'s: scale by max_norm / (norm + 1e-6) when below 1.
+    """
+
+    def __init__(self, params, *, max_grad_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NotImplementedError("GuardedAdamW.step takes no closure")
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        self._global_grad_norm = norm.item()
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        scale = self.max_grad_norm / (self._global_grad_norm + 1e-6)
+        if self.max_grad_norm > 0 and scale < 1.0:
+            torch._foreach_mul_(grads, scale)
+        return super().step()
 
 
 @dataclass

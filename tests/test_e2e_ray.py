@@ -14,7 +14,7 @@ The head is started with the S3 endpoint variables pointing at a dead local port
 job's driver alone gets the real endpoint (in its entrypoint): the workers reach S3 only if
 launch.py forwards the driver's endpoint settings to them, and nothing can fall back to real AWS.
 
-Scenarios (quickstart_vision on the quickstart digits, 2 workers, ZeRO-2):
+Scenarios (quickstart_vision on the quickstart digits, 2 workers, DeepSpeed stage 0):
 - README commands, as written but for the address: submit --no-wait, follow the logs, `ray job
   stop` mid-run (a checkpoint of the stop step appears, the job ends STOPPED), submit again (it
   resumes from that step) -> the final loss equals the uninterrupted run's bit for bit.

@@ -1,6 +1,8 @@
-"""Parameter groups (weight decay, layer-wise lr decay), the warm-up + cosine schedule, weight EMA."""
+"""Parameter groups (weight decay, layer-wise lr decay), the warm-up + cosine schedule, weight EMA,
+and the guarded AdamW of deepspeed.zero_stage 0 (clip by global norm, skip non-finite steps)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -8,7 +10,8 @@ import torch
 from torch import nn
 
 from pnet_dist.models import create_model
-from pnet_dist.optim import CosineSchedule, ModelEma, build_lr_scheduler, build_param_groups, layer_ids
+from pnet_dist.optim import (CosineSchedule, GuardedAdamW, ModelEma, build_lr_scheduler, build_param_groups,
+                             layer_ids)
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +113,47 @@ def test_ema_averages_weights_and_buffers_and_resets():
     other = ModelEma(model, decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.module[1].running_mean, model[1].running_mean)
+
+
+def _two_models_with_grads(grad_scale: float):
+    """Two identical small models whose gradients are set to the same values times grad_scale."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    b = copy.deepcopy(a)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        pa.grad = torch.randn_like(pa) * grad_scale
+        pb.grad = pa.grad.clone()
+    return a, b
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 10.0])   # below and above the clipping threshold
+def test_guarded_adamw_steps_like_clip_grad_norm_then_adamw(grad_scale):
+    ours_model, torch_model = _two_models_with_grads(grad_scale)
+    ours = GuardedAdamW(ours_model.parameters(), max_grad_norm=1.0, lr=1e-2, weight_decay=0.05)
+    reference = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, weight_decay=0.05)
+    expected_norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
+    reference.step()
+    ours.step()
+    assert not ours.overflow and ours._global_grad_norm == pytest.approx(expected_norm.item(), rel=1e-6)
+    for p, q in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_guarded_adamw_skips_a_nonfinite_step_leaving_weights_and_state_untouched(bad):
+    model, _ = _two_models_with_grads(1.0)
+    optimizer = GuardedAdamW(model.parameters(), max_grad_norm=1.0, lr=1e-2)
+    optimizer.step()                                   # a normal step first: the state exists
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())
+    next(model.parameters()).grad[0, 0] = bad
+    optimizer.step()
+    assert optimizer.overflow and not math.isfinite(optimizer._global_grad_norm)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = optimizer.state_dict()
+    assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in state["state"][i])
+    for p in model.parameters():                       # the next finite step is applied again
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert not optimizer.overflow and not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))

@@ -2,11 +2,11 @@
 
 One torchrun launch runs many scenarios in one process group (DeepSpeed start-up is the cost),
 each scenario calling pnet_dist.train.train_worker like Ray Train or torchrun would:
-  - ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4 (ZeRO-3: the dense llama_debug)}
+  - stage 0 and ZeRO-1/2/3 x {parameternet_debug, pnet_llama_debug_up_e4 (ZeRO-3: the dense llama_debug)}
     (fp32 and bf16), and the MoE model with expert parallelism 2: N steps straight vs N/2 steps,
     SIGTERM (to rank 1 only), resume: the losses and the final eval agree bit for bit; two of them also with activation
     checkpointing, which must change no bit either;
-  - a NaN batch (ZeRO-1 fp32, ZeRO-3 bf16): the step is skipped (weights, optimizer, BatchNorm
+  - a NaN batch (stage 0 and ZeRO-1 fp32, ZeRO-3 bf16): the step is skipped (weights, optimizer, BatchNorm
     statistics, EMA untouched), so the run equals one that never saw the batch; a NaN streak
     reloads the last checkpoint and equals a run that skipped those batches;
   - the TensorBoard event files, read back with TensorBoard's EventAccumulator.
@@ -37,6 +37,9 @@ pytestmark = pytest.mark.dist
 
 MATRIX = {
     # case: (config, overrides)
+    # stage 0: DeepSpeed data parallelism, AdamW whole on every rank (pnet_dist.optim.GuardedAdamW)
+    "vision_z0_bf16": ("train_vision_debug.yaml", ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"]),
+    "lm_z0_fp32": ("train_lm_debug.yaml", ["deepspeed.zero_stage=0"]),
     "vision_z1_fp32": ("train_vision_debug.yaml", ["deepspeed.zero_stage=1"]),
     "vision_z2_bf16": ("train_vision_debug.yaml", ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"]),
     "vision_z3_fp32": ("train_vision_debug.yaml", ["deepspeed.zero_stage=3", "train.ema_decay=null"]),
@@ -127,8 +130,8 @@ def scenario_matrix(workdir: Path) -> dict:
             results[case]["grad_ckpt"] = run(config, common + [f"run_name={case}_grad_ckpt",
                                                                "train.grad_checkpointing=true"])
     common = NONFINITE + [f"checkpoint.uri={workdir / 'runs'}"]
-    for name, extra in (("z1_fp32", []), ("z3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16",
-                                                      "train.ema_decay=null"])):
+    for name, extra in (("z0_fp32", ["deepspeed.zero_stage=0"]), ("z1_fp32", []),
+                        ("z3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.ema_decay=null"])):
         results[f"skip_nan_{name}"] = run("train_vision_debug.yaml", common + extra + [
             f"run_name=skip_nan_{name}", "train.max_steps=4"], nan_at({1}))
         results[f"skip_drop_{name}"] = run("train_vision_debug.yaml", common + extra + [
@@ -187,10 +190,11 @@ def scenario_s3_one_rank(workdir: Path) -> dict:
 
 
 # -- a resume on another world size: eval right after it equals eval on the saved world size ----
-WORLD_SIZE_LAYOUT = {  # family: (config, per world size: overrides keeping the global batch)
-    "vision": ("train_vision_debug.yaml", {1: ["deepspeed.grad_accum_steps=2"], 2: [],
-                                           4: ["data.batch_size=2"]}),
-    "lm": ("train_lm_debug.yaml", {1: ["deepspeed.grad_accum_steps=4"], 2: [], 4: ["deepspeed.grad_accum_steps=1"]}),
+VISION_LAYOUT = {1: ["deepspeed.grad_accum_steps=2"], 2: [], 4: ["data.batch_size=2"]}
+WORLD_SIZE_LAYOUT = {  # family: (config, zero stage, per world size: overrides keeping the global batch)
+    "vision": ("train_vision_debug.yaml", 2, VISION_LAYOUT),
+    "vision_z0": ("train_vision_debug.yaml", 0, VISION_LAYOUT),   # the whole optimizer in one file
+    "lm": ("train_lm_debug.yaml", 2, {1: ["deepspeed.grad_accum_steps=4"], 2: [], 4: ["deepspeed.grad_accum_steps=1"]}),
 }
 WORLD_SIZE_STEPS = 4
 
@@ -198,10 +202,10 @@ WORLD_SIZE_STEPS = 4
 def world_size_run(workdir: Path, family: str, name: str) -> dict:
     """Train to (or, resumed there, only evaluate at) step WORLD_SIZE_STEPS on this world size."""
     import torch.distributed as dist
-    config, layout = WORLD_SIZE_LAYOUT[family]
+    config, zero_stage, layout = WORLD_SIZE_LAYOUT[family]
     return run(config, layout[dist.get_world_size()] + [
         f"checkpoint.uri={workdir / 'runs'}", f"run_name={name}", f"train.max_steps={WORLD_SIZE_STEPS}",
-        f"checkpoint.every_steps={WORLD_SIZE_STEPS}", "deepspeed.zero_stage=2"])
+        f"checkpoint.every_steps={WORLD_SIZE_STEPS}", f"deepspeed.zero_stage={zero_stage}"])
 
 
 def copy_run(workdir: Path, source: str, dest: str) -> None:
@@ -353,7 +357,7 @@ def test_activation_checkpointing_changes_no_bit_of_a_run(matrix, case):
     assert checkpointed["eval"] == straight["eval"]    # weights, BatchNorm statistics, EMA
 
 
-@pytest.mark.parametrize("case", ["z1_fp32", "z3_bf16"])
+@pytest.mark.parametrize("case", ["z0_fp32", "z1_fp32", "z3_bf16"])
 def test_a_nonfinite_step_is_skipped_without_a_trace(matrix, case):
     _, results = matrix
     nan_run, clean_run = results[f"skip_nan_{case}"], results[f"skip_drop_{case}"]
@@ -490,7 +494,8 @@ def world_size_runs(tmp_path_factory):
 @pytest.mark.parametrize("family", sorted(WORLD_SIZE_LAYOUT))
 def test_eval_right_after_a_resume_on_another_world_size_equals_eval_on_the_saved_one(world_size_runs, family):
     """Weights, BatchNorm statistics and EMA come back on every load path (universal for the
-    vision model's ZeRO-2 files, the MoE format for the LM), and the eval set is the same
+    vision model's ZeRO-2 files, DeepSpeed's own files as they are at stage 0, the MoE format for
+    the LM), and the eval set is the same
     samples in the same batches at any world size: the figures agree bit for bit."""
     _, one, two, two_to_one, two_to_four = world_size_runs
     saved_on_1, saved_on_2 = one[family], two[family]
@@ -502,9 +507,10 @@ def test_eval_right_after_a_resume_on_another_world_size_equals_eval_on_the_save
         assert resumed["eval"] == saved["eval"], f"{family} {change}: {resumed['eval']} != {saved['eval']}"
         print(f"WORLD-SIZE-TABLE | {family} | {change} | saved-on eval {json.dumps(saved['eval'])} | "
               f"after resume {json.dumps(resumed['eval'])}")
-    samples = "samples" if family == "vision" else "tokens"
-    assert saved_on_2["eval"]["model"][samples] == (32 if family == "vision" else 8 * 32)
-    if family == "vision":
+    vision = family.startswith("vision")
+    samples = "samples" if vision else "tokens"
+    assert saved_on_2["eval"]["model"][samples] == (32 if vision else 8 * 32)
+    if vision:
         assert set(saved_on_2["eval"]) == {"model", "ema"}
 
 

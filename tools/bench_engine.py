@@ -1,22 +1,21 @@
-"""Benchmark: step time of pnet_dist's training loop (DeepSpeed ZeRO-2, 2 ranks) vs a plain torch DDP
-loop with the same model, batch, loss, optimizer groups and schedule, measured in one run.
+"""Benchmark: step time of pnet_dist's training loop (DeepSpeed at zero_stage 0, 1 and 2, 2 ranks) vs a
+plain torch DDP loop with the same model, batch, loss, optimizer groups and schedule, in one run.
 
     python tools/bench_engine.py [--steps 60] [--warmup 10] [--rounds 3] [--skip-checkpoint]
                                  [--profile-steps 20] [--profile-top 12]
 
 Both loops read the same synthetic batches (pnet_dist.tasks.SyntheticLoader) and compute the
 loss with the same task object, so the ratio is the cost of the engine around the model:
-ZeRO-2 partitioned optimizer, the per-step stats collective, BatchNorm statistics averaging,
+DeepSpeed's step (ZeRO partitioning where the stage has it), the per-step stats collective, BatchNorm statistics averaging,
 non-finite handling, metrics. Ours is timed by the loop's own meter (perf/step_time_s in its
 TensorBoard files: the mean step time of each --warmup-step log interval, the first dropped); the
-baselines per step, reduced to the same statistic (interval_median). A third loop, the bare
-DeepSpeed engine, splits the ratio into DeepSpeed's share and the loop's; a fourth, the bare
-engine at zero_stage 1 (no per-parameter gradient hooks), shows what ZeRO-2's gradient
-partitioning costs a model this small, and a fifth, our loop at zero_stage 1, what a job that
-sets `deepspeed.zero_stage: 1` gets (ZeRO-1 shards the optimizer state only: enough for models
-whose gradients fit on every GPU, as ParameterNet's do). Loops alternate for --rounds rounds; the
-table has the median time per loop and, as the ratio, the median of the rounds' ratios (each
-round's ratios are printed under it). Target: ratio <= 1.05.
+baselines per step, reduced to the same statistic (interval_median). Our loop runs at each
+deepspeed.zero_stage a job can choose for these models -- 0 (DeepSpeed data parallelism, the whole
+AdamW state on every rank: the vision jobs' setting, ParameterNet-600M's state is ~1 GB), 1 and 2
+-- and beside each, the bare DeepSpeed engine at that stage splits the ratio into DeepSpeed's
+share and the loop's. Loops alternate for --rounds rounds; the table has the median time per
+loop and, as the ratio, the median of the rounds' ratios (each round's ratios are printed under
+it). Target: ratio <= 1.05.
 
 After the timing rounds each loop runs once more under torch.profiler (--profile-steps steps after
 the warm-up) and a table per case lists self CPU ms per step of the top ops of the three loops,
@@ -42,9 +41,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.05
+# deepspeed.zero_stage -> its name in the table
+STAGES = {0: "stage 0 (no ZeRO)", 1: "ZeRO-1", 2: "ZeRO-2"}
 OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
 CASES = {
@@ -141,9 +143,10 @@ def ddp_loop(cfg):
 
 
 def bare_deepspeed_loop(cfg):
-    """(task, engine, backward_and_step) of the bare DeepSpeed engine (pnet_dist.engine.build_engine)
-    driven by a minimal loop: forward, backward, step, loss.item() -- no stats collective, no
-    BatchNorm averaging, no skip handling, no metrics. Splits ours/DDP into DeepSpeed's share and ours."""
+    """(task, engine, backward_and_step) of the bare DeepSpeed engine (pnet_dist.engine.build_engine,
+    at stage 0 with its GuardedAdamW) driven by a minimal loop: forward, backward, step, loss.item()
+    -- no stats collective, no BatchNorm averaging, no metrics. Splits ours/DDP into DeepSpeed's
+    share and ours."""
     import torch
 
     from pnet_dist.engine import build_engine
@@ -180,9 +183,10 @@ def ours_loop(cfg):
     return trainer, one_step
 
 
-def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
-    """A table of self CPU time per step by op (torch.profiler, rank 0) for the three loops, over
-    num_steps steps after cfg.train.max_steps - num_steps warm-up steps; "(Python between ops)" is
+def profile_case(cfg, stage0, name: str, num_steps: int, top: int) -> str:
+    """A table of self CPU time per step by op (torch.profiler, rank 0) for the four loops (DDP, the
+    bare ZeRO-2 engine, our loop on `cfg` (ZeRO-2) and on `stage0`), over num_steps steps after
+    cfg.train.max_steps - num_steps warm-up steps; "(Python between ops)" is
     the profiler's step row: interpreter time outside any op (hooks, bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -198,16 +202,19 @@ def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
         calls = {e.key: e.count / num_steps for e in events}
         return self_ms, calls
 
-    def ours(on_step) -> None:
-        trainer, one_step = ours_loop(cfg)
-        for _ in range(cfg.train.max_steps):
-            one_step()
-            on_step()
-        trainer.writer.close()
+    def ours(job) -> Callable:
+        def run(on_step) -> None:
+            trainer, one_step = ours_loop(job)
+            for _ in range(job.train.max_steps):
+                one_step()
+                on_step()
+            trainer.writer.close()
+        return run
 
     loops = {"DDP": profiled(lambda on_step: step_times(cfg, *ddp_loop(cfg), on_step=on_step)),
-             "bare DeepSpeed": profiled(lambda on_step: step_times(cfg, *bare_deepspeed_loop(cfg), on_step=on_step)),
-             "pnet_dist loop": profiled(ours)}
+             "bare ZeRO-2": profiled(lambda on_step: step_times(cfg, *bare_deepspeed_loop(cfg), on_step=on_step)),
+             "loop ZeRO-2": profiled(ours(cfg)),
+             "loop stage 0": profiled(ours(stage0))}
     ranked = sorted({key for self_ms, _ in loops.values() for key in self_ms},
                     key=lambda key: -max(self_ms.get(key, 0.0) for self_ms, _ in loops.values()))
     lines = [(f"profile, {name}: self CPU ms per step on rank 0 (torch.profiler, {num_steps} steps after "
@@ -228,8 +235,11 @@ def profile_case(cfg, name: str, num_steps: int, top: int) -> str:
 
 
 def profiles(args, workdir: str) -> list[str]:
-    return [profile_case(base_config(workdir, f"profile_{index}", args.profile_steps + args.warmup, args.warmup,
-                                     overrides), name, args.profile_steps, args.profile_top)
+    def job(index: int, stage: int, overrides: list[str]):
+        return base_config(workdir, f"profile_{index}_z{stage}", args.profile_steps + args.warmup, args.warmup,
+                           [*overrides, f"deepspeed.zero_stage={stage}"])
+    return [profile_case(job(index, 2, overrides), job(index, 0, overrides), name, args.profile_steps,
+                         args.profile_top)
             for index, (name, overrides) in enumerate(CASES.items())]
 
 
@@ -237,35 +247,35 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
     """The step-time rows; each round's ratios go into rounds_seen[case]."""
     rows = []
     for index, (name, overrides) in enumerate(CASES.items()):
-        ours, ours_zero1, bare, bare_zero1, baseline = [], [], [], [], []
+        ddp: list[float] = []
+        ours: dict[int, list[float]] = {stage: [] for stage in STAGES}
+        bare: dict[int, list[float]] = {stage: [] for stage in STAGES}
         for round_index in range(args.rounds):
-            cfg = base_config(workdir, f"bench_{index}_{round_index}", args.steps, args.warmup, overrides)
-            zero1 = base_config(workdir, f"bench_{index}_{round_index}_z1", args.steps, args.warmup,
-                                [*overrides, "deepspeed.zero_stage=1"])
-            baseline.append(interval_median(step_times(cfg, *ddp_loop(cfg)), args.warmup))
-            bare.append(interval_median(step_times(cfg, *bare_deepspeed_loop(cfg)), args.warmup))
-            bare_zero1.append(interval_median(step_times(zero1, *bare_deepspeed_loop(zero1)), args.warmup))
-            ours.append(time_ours(cfg))
-            ours_zero1.append(time_ours(zero1))
-        ours_s, ours1_s, bare_s, zero1_s, ddp_s = (statistics.median(v)
-                                                   for v in (ours, ours_zero1, bare, bare_zero1, baseline))
+            cfg = {stage: base_config(workdir, f"bench_{index}_{round_index}_z{stage}", args.steps, args.warmup,
+                                      [*overrides, f"deepspeed.zero_stage={stage}"]) for stage in STAGES}
+            ddp.append(interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup))
+            for stage in STAGES:
+                bare[stage].append(interval_median(step_times(cfg[stage], *bare_deepspeed_loop(cfg[stage])),
+                                                   args.warmup))
+                ours[stage].append(time_ours(cfg[stage]))
+        ddp_s = statistics.median(ddp)
 
         def paired(num: list[float], den: list[float]) -> float:
             """The median of the rounds' ratios: each round's loops ran back to back, so a slow
             phase of a shared machine hits both sides of a ratio alike."""
             return statistics.median(a / b for a, b in zip(num, den))
 
-        rows += [(f"step time, {name}: pnet_dist loop / DDP", ours_s, ddp_s, "s", paired(ours, baseline),
-                  ["<=", TARGET_RATIO]),
-                 ("  of which DeepSpeed: bare ZeRO-2 engine / DDP", bare_s, ddp_s, "s", paired(bare, baseline), None),
-                 ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s", paired(ours, bare), None),
-                 ("  for comparison, DeepSpeed at zero_stage 1: bare ZeRO-1 engine / DDP", zero1_s, ddp_s, "s",
-                  paired(bare_zero1, baseline), None),
-                 (f"step time, {name}: pnet_dist loop at zero_stage 1 / DDP", ours1_s, ddp_s, "s",
-                  paired(ours_zero1, baseline), ["<=", TARGET_RATIO])]
-        rounds_seen[name] = {"loop / DDP": [round(a / b, 3) for a, b in zip(ours, baseline)],
-                             "bare ZeRO-2 / DDP": [round(a / b, 3) for a, b in zip(bare, baseline)],
-                             "loop / bare": [round(a / b, 3) for a, b in zip(ours, bare)]}
+        for stage in STAGES:
+            ours_s, bare_s = statistics.median(ours[stage]), statistics.median(bare[stage])
+            rows += [(f"step time, {name}: pnet_dist loop at {STAGES[stage]} / DDP", ours_s, ddp_s, "s",
+                      paired(ours[stage], ddp), ["<=", TARGET_RATIO]),
+                     (f"  of which DeepSpeed: bare {STAGES[stage]} engine / DDP", bare_s, ddp_s, "s",
+                      paired(bare[stage], ddp), None),
+                     ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s",
+                      paired(ours[stage], bare[stage]), None)]
+        rounds_seen[name] = {f"{what} {STAGES[stage]}": [round(a / b, 3) for a, b in zip(times[stage], den)]
+                             for stage in STAGES for what, times, den in (("loop / DDP", ours, ddp),
+                                                                           ("bare / DDP", bare, ddp))}
     return rows
 
 
@@ -328,7 +338,7 @@ def main() -> None:
         rows += run_stage([sys.executable, str(REPO / "tools" / "bench_checkpoint.py"), "--rows-json",
                            f"--params-m={args.checkpoint_params_m}", f"--repeats={args.checkpoint_repeats}"],
                           env)["BENCH_ROWS"]
-    print(f"step time: 2 ranks (gloo, CPU), ZeRO-2 fp32, {args.steps} steps, {args.warmup} warm-up, median of "
+    print(f"step time: 2 ranks (gloo, CPU), fp32, {args.steps} steps, {args.warmup} warm-up, median of "
           f"{args.rounds} rounds; checkpoint: 1 rank, ZeRO-1, moto S3 on 127.0.0.1, median of "
           f"{args.checkpoint_repeats}; {os.cpu_count()} CPU cores, load average {load_at_start:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: install, make the small real dataset, train a ParameterNet with 2 Ray workers under
-# DeepSpeed ZeRO-2 on this machine, and print where the checkpoints and TensorBoard logs are.
+# DeepSpeed (data parallel, zero_stage 0) on this machine, and print where the checkpoints and TensorBoard logs are.
 #
 #   tools/quickstart.sh [key=value ...]      # e.g. tools/quickstart.sh train.max_steps=600
 #
@@ -41,6 +41,6 @@ if [[ ! -f data/quickstart/images/train/index.json || ! -f data/quickstart/image
     .venv/bin/python tools/make_quickstart_data.py --out data/quickstart
 fi
 
-echo "== training (Ray + DeepSpeed ZeRO-2, 2 workers)"
+echo "== training (Ray + DeepSpeed data parallel, 2 workers)"
 .venv/bin/python -m pnet_dist.launch jobs/quickstart_vision.yaml "$@"
 echo "== quickstart done in $((SECONDS - start)) s"
