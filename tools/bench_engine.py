@@ -1,7 +1,7 @@
 """Benchmark: step time of pnet_dist's training loop (DeepSpeed at zero_stage 0, 1 and 2, 2 ranks) vs a
 plain torch DDP loop with the same model, batch, loss, optimizer groups and schedule, in one run.
 
-    python tools/bench_engine.py [--steps 60] [--warmup 10] [--rounds 3] [--skip-checkpoint]
+    python tools/bench_engine.py [--steps 60] [--warmup 10] [--rounds 5] [--skip-checkpoint]
                                  [--profile-steps 20] [--profile-top 12]
 
 Both loops read the same synthetic batches (pnet_dist.tasks.SyntheticLoader) and compute the
@@ -13,9 +13,9 @@ baselines per step, reduced to the same statistic (interval_median). Our loop ru
 deepspeed.zero_stage a job can choose for these models -- 0 (DeepSpeed data parallelism, the whole
 AdamW state on every rank: the vision jobs' setting, ParameterNet-600M's state is ~1 GB), 1 and 2
 -- and beside each, the bare DeepSpeed engine at that stage splits the ratio into DeepSpeed's
-share and the loop's. Loops alternate for --rounds rounds; the table has the median time per
-loop and, as the ratio, the median of the rounds' ratios (each round's ratios are printed under
-it). Target: ratio <= 1.05.
+share and the loop's. Loops alternate for --rounds rounds (DDP first and last in each, the
+stages in alternating order); the table has the median time per loop and, as the ratio, the
+median of the rounds' ratios (each round's ratios are printed under it). Target: ratio <= 1.05.
 
 After the timing rounds each loop runs once more under torch.profiler (--profile-steps steps after
 the warm-up) and a table per case lists self CPU ms per step of the top ops of the three loops,
@@ -253,11 +253,15 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
         for round_index in range(args.rounds):
             cfg = {stage: base_config(workdir, f"bench_{index}_{round_index}_z{stage}", args.steps, args.warmup,
                                       [*overrides, f"deepspeed.zero_stage={stage}"]) for stage in STAGES}
-            ddp.append(interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup))
-            for stage in STAGES:
+            # DDP before and after the round's DeepSpeed loops (their mean is the round's baseline),
+            # the stages in alternating order: a machine that drifts during a round (a shared VM
+            # does) shifts the baseline with the loops instead of against them.
+            ddp_before = interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)
+            for stage in (STAGES if round_index % 2 == 0 else reversed(STAGES)):
                 bare[stage].append(interval_median(step_times(cfg[stage], *bare_deepspeed_loop(cfg[stage])),
                                                    args.warmup))
                 ours[stage].append(time_ours(cfg[stage]))
+            ddp.append((ddp_before + interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)) / 2)
         ddp_s = statistics.median(ddp)
 
         def paired(num: list[float], den: list[float]) -> float:
@@ -313,7 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps dropped from the timing (also our log interval)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--checkpoint-params-m", type=float, default=12.0,
                         help="model size of the checkpoint rows, millions of parameters")
     parser.add_argument("--checkpoint-repeats", type=int, default=5)
