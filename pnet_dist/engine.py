@@ -14,7 +14,8 @@ Choices, and why:
   all-reduce, the whole AdamW state on every rank, no parameter all-gather -- plain DDP's
   collectives, for models whose optimizer state fits on every GPU (ParameterNet's does many times
   over). ZeRO-1/2 add a parameter all-gather, per-group gradient-norm reductions and (ZeRO-2)
-  per-parameter gradient hooks, 7-20% of a step of these small models (tools/bench_engine.py).
+  per-parameter gradient hooks: 14-35% of a step of these small models on the 2-core CPU
+  (tools/bench_engine.py).
   DeepSpeed leaves the step to the client optimizer there, so it is optim.GuardedAdamW, which
   clips and skips non-finite steps like the ZeRO optimizers do. Stage 0 takes fp32 weights (fp32,
   or bf16 autocast for BatchNorm models): with bf16 weights DeepSpeed's bf16 optimizer shards its
@@ -23,9 +24,10 @@ Choices, and why:
   every applied optimizer step and saves it in its checkpoint.
 - Non-finite gradients: DeepSpeed's ZeRO optimizers (every stage, fp32, bf16 and fp16) and, at
   stage 0, optim.GuardedAdamW check the gradients before the update and skip the step --
-  dropping the accumulated gradients -- when any rank has an inf/NaN. The loop relies on that single mechanism for non-finite losses
-  (see train.train_step); `poison_nonfinite` makes sure a non-finite loss always yields non-finite
-  gradients, even in the rare case (an inf loss) whose backward would be finite.
+  dropping the accumulated gradients -- when any rank has an inf/NaN. The loop relies on that
+  single mechanism for non-finite losses (see train.train_step); `poison_nonfinite` makes sure a
+  non-finite loss always yields non-finite gradients, even in the rare case (an inf loss) whose
+  backward would be finite.
 - bf16 means two things. Models with BatchNorm (the vision family) train under torch autocast
   (DeepSpeed's torch_autocast): fp32 weights, bf16 convolutions and matmuls, BatchNorm and its
   running statistics in fp32 -- the AMP recipe timm uses, and the only one CPU BatchNorm accepts
