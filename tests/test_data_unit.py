@@ -230,7 +230,7 @@ def test_text_input_errors_name_the_record(tmp_path):
         list(iter_documents(str(bad)))
 
 
-def test_clean_stale_shared_memory_only_touches_dead_blocks_of_our_dirs(tmp_path):
+def test_clean_stale_shared_memory_only_touches_dead_blocks_of_our_dirs_or_of_no_dir(tmp_path):
     from pnet_dist.data.shards import clean_stale_shared_memory
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
     base = 900000 + int(uuid.uuid4().int % 90000)
@@ -252,14 +252,21 @@ def test_clean_stale_shared_memory_only_touches_dead_blocks_of_our_dirs(tmp_path
         block(base + 1, "locals", locals_payload([theirs]))     # dead, but another run's directory
         live_ours = block(base + 2, "locals", locals_payload([ours]))   # mapped by this live process
         block(base + 3, "locals", (0).to_bytes(4, "little") + b"\0" * 4)  # released, never unlinked
+        # Headless: a dead group that lost its _locals (streaming would hand out this prefix and
+        # attach to the old blocks), and one still mapped by a live process.
+        block(base + 4, "barrier")
+        block(base + 4, "epoch_data", b"\0" * 64)
+        live_headless = block(base + 5, "shard_states")
         for shm in created:
-            if shm is not live_ours:
+            if shm is not live_ours and shm is not live_headless:
                 shm.close()                                     # unmapped: nobody alive holds it
         removed = clean_stale_shared_memory([ours])
-        ours_removed = sorted(n for n in removed if base <= int(n[:6]) < base + 4)
-        assert ours_removed == [f"{base:06}_barrier", f"{base:06}_locals", f"{base + 3:06}_locals"]
+        ours_removed = sorted(n for n in removed if base <= int(n[:6]) < base + 6)
+        assert ours_removed == [f"{base:06}_barrier", f"{base:06}_locals", f"{base + 3:06}_locals",
+                                f"{base + 4:06}_barrier", f"{base + 4:06}_epoch_data"]
         assert not os.path.exists(f"/dev/shm/{base:06}_locals")
         assert os.path.exists(f"/dev/shm/{base + 1:06}_locals") and os.path.exists(f"/dev/shm/{base + 2:06}_locals")
+        assert os.path.exists(f"/dev/shm/{base + 5:06}_shard_states")
         del dead_ours
     finally:
         for shm in created:

@@ -34,8 +34,12 @@ node that uses the same local cache directory fails ("Reused local directory") o
 clean_stale_shared_memory() removes every streaming block on the host, including those of other live
 runs on the same node, so we do not call it. `clean_stale_shared_memory` below removes only blocks
 (and their /tmp file locks) that (a) no live process has mapped (checked in /proc/*/maps) and (b)
-name one of our own local directories, or none (released by their dataset but never unlinked).
-Blocks of other runs, live or dead, are left alone.
+name one of our own local directories, or none (released by their dataset but never unlinked), or
+belong to a group that has lost its `_locals` block (a process killed while it cleaned up): streaming
+finds free prefixes by their `_locals` block alone, so it hands such a prefix to the next dataset,
+which attaches to the leftover blocks -- sized for another dataset, another epoch -- and fails with
+"TypeError: buffer is too small for requested array". Blocks of other runs, live or dead, that
+still have their `_locals` are left alone.
 
 Credentials come from the standard AWS chain (environment, ~/.aws, instance role) and are never
 passed as arguments or written anywhere; the endpoint comes from AWS_ENDPOINT_URL_S3 (boto3) and
@@ -259,10 +263,11 @@ def _mapped_shm_names() -> set[str]:
 
 
 def clean_stale_shared_memory(local_dirs: list[str], shm_dir: str = "/dev/shm") -> list[str]:
-    """Remove streaming's shared memory left by dead runs that used one of local_dirs.
+    """Remove streaming's shared memory left by dead runs that used one of local_dirs, and groups
+    that lost their `_locals` block.
 
     Returns the names removed. A block group is stale when no live process maps any of its blocks.
-    Groups that belong to other local directories are never touched (see the module docstring).
+    Groups whose `_locals` names other local directories are never touched (see the module docstring).
     """
     if not os.path.isdir(shm_dir):
         return []
@@ -277,6 +282,7 @@ def clean_stale_shared_memory(local_dirs: list[str], shm_dir: str = "/dev/shm") 
     candidates = {}
     for prefix, names in groups.items():
         if f"{prefix}_locals" not in names:
+            candidates[prefix] = names   # headless: no run can claim it, and streaming would reuse it
             continue
         try:
             their_locals = _unpack_locals(Path(shm_dir, f"{prefix}_locals").read_bytes())
