@@ -87,10 +87,36 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
 def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> list[float]:
     """Sum the `stats` vector over ranks (returned as floats) and replace each tensor in `average`
-    by its mean over ranks, in place -- all in ONE collective, in float64.
+    by its mean over ranks, in place -- all in ONE collective, in float64."""
+    return start_sum_and_average(stats, average).wait()
+
+
+class PendingSum:
+    """A `start_sum_and_average` in flight; `wait()` finishes it and returns the summed stats."""
+
+    def __init__(self, flat: torch.Tensor, work, num_stats: int, groups: dict[torch.dtype, list[torch.Tensor]]):
+        self.flat, self.work, self.num_stats, self.groups = flat, work, num_stats, groups
+
+    @torch.no_grad()
+    def wait(self) -> list[float]:
+        if self.work is not None:
+            self.work.wait()
+            world_size, offset = get_world_size(), self.num_stats
+            for group in self.groups.values():
+                size = sum(t.numel() for t in group)
+                means = (self.flat[offset:offset + size] / world_size).to(group[0].device, group[0].dtype)
+                torch._foreach_copy_(group, split_like(means, group))
+                offset += size
+        return self.flat[:self.num_stats].tolist()
+
+
+@torch.no_grad()
+def start_sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> PendingSum:
+    """`sum_and_average` as an asynchronous collective: the values are taken now, the caller computes
+    on while the collective travels, and wait() sets each tensor of `average` to the mean over ranks
+    of its value at the start (overwriting whatever it was changed to in between).
 
     A fixed handful of ops whatever the number of tensors (per dtype: one cat, one split, one
     foreach copy): the loop calls this every step with every BatchNorm buffer, and ops per buffer
@@ -100,15 +126,8 @@ def sum_and_average(stats: torch.Tensor, average: list[torch.Tensor] = ()) -> li
     groups = by_dtype(average) if world_size > 1 else {}
     parts = [stats.reshape(-1)] + [torch.cat([t.reshape(-1) for t in group]) for group in groups.values()]
     flat = torch.cat([part.to(device, torch.float64) for part in parts])
-    if world_size > 1:
-        dist.all_reduce(flat)
-        offset = stats.numel()
-        for dtype, group in groups.items():
-            size = sum(t.numel() for t in group)
-            means = (flat[offset:offset + size] / world_size).to(group[0].device, dtype)
-            torch._foreach_copy_(group, split_like(means, group))
-            offset += size
-    return flat[:stats.numel()].tolist()
+    work = dist.all_reduce(flat, async_op=True) if world_size > 1 else None
+    return PendingSum(flat, work, stats.numel(), groups)
 
 
 def by_dtype(tensors) -> dict[torch.dtype, list[torch.Tensor]]:
