@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
 
 from pnet_dist.data.augment import sample_rng
 
@@ -95,7 +96,14 @@ class ShardCheckMixin:
         """Streaming's fetch (or local check) of a shard; its failure names the dataset and the shard.
 
         Never waits inside streaming: a fetch that failed leaves the shard PREPARING for good, and
-        streaming's blocking wait for it would never end; ours ends with the failure's error."""
+        streaming's blocking wait for it would never end; ours ends with the failure's error.
+
+        Streaming's prepare thread calls this, not blocking, for every sample of the epoch; for a
+        shard already local that call only took the cache's file lock (open + flock + close) and
+        stat-ed the shard: skipped here, as streaming's get_item skips the lock. A read that finds
+        the file gone still comes back here blocking and takes the full path."""
+        if not blocking and self._shard_states[shard_id] == _ShardState.LOCAL:
+            return
         try:
             StreamingDataset.prepare_shard(self, shard_id, blocking=False)
         except Exception as exc:
