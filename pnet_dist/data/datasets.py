@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import StreamingDataset
-from streaming.base.dataset import _ShardState
+from streaming.base.dataset import TICK, _ShardState
 
 from pnet_dist.data.augment import sample_rng
 
@@ -113,7 +113,6 @@ class ShardCheckMixin:
             self._wait_prepared(shard_id)
 
     def _wait_prepared(self, shard_id: int) -> None:
-        from streaming.base.dataset import TICK, _ShardState
         while self._shard_states[shard_id] == _ShardState.PREPARING:
             self._raise_background_error()
             path = self._shard_file(shard_id)[0]
