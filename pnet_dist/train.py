@@ -110,8 +110,9 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     loss_sum = torch.zeros((), device=task.device)
     nonfinite = torch.zeros((), device=task.device)
     extras_sum: dict[str, torch.Tensor] = {}
-    pending = None
     for micro, batch in enumerate(micro_batches):
+        if micro:
+            engine.step()  # the previous micro-batch's: DeepSpeed only counts it, short of the last
         batch_seed = micro_batch_seed(seed, step, micro * world_size + rank)
         seed_step_rng(batch_seed)  # dropout / drop-path masks
         loss, extras = task.train_loss(engine, batch, seed=batch_seed)
@@ -120,13 +121,12 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
         nonfinite += (~torch.isfinite(loss.detach())).float()
         for key, value in extras.items():
             extras_sum[key] = extras_sum.get(key, 0.0) + value
-        if micro == len(micro_batches) - 1:
-            stop_flag = torch.tensor(float(stop), device=task.device)
-            # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
-            # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
-            pending = dist.start_sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
-                                                 [b for b in buffers if b.is_floating_point()])
-        engine.step()
+    stop_flag = torch.tensor(float(stop), device=task.device)
+    # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
+    # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
+    pending = dist.start_sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
+                                         [b for b in buffers if b.is_floating_point()])
+    engine.step()  # the optimizer step, while the collective travels
     totals = pending.wait()
     num = len(micro_batches) * world_size
     if totals[1] > 0:  # the forward passes also ran BatchNorm statistics through the NaNs

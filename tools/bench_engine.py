@@ -261,7 +261,8 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
                 bare[stage].append(interval_median(step_times(cfg[stage], *bare_deepspeed_loop(cfg[stage])),
                                                    args.warmup))
                 ours[stage].append(time_ours(cfg[stage]))
-            ddp.append((ddp_before + interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)) / 2)
+            ddp_after = interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)
+            ddp.append((ddp_before + ddp_after) / 2)
         ddp_s = statistics.median(ddp)
 
         def paired(num: list[float], den: list[float]) -> float:
