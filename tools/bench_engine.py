@@ -3,6 +3,10 @@ plain torch DDP loop with the same model, batch, loss, optimizer groups and sche
 
     python tools/bench_engine.py [--steps 60] [--warmup 10] [--rounds 5] [--skip-checkpoint]
                                  [--profile-steps 20] [--profile-top 12]
+                                 [--cases vision,lm] [--stages 0,1,2]
+
+--cases picks the models (vision, lm, and lm_long: the LM with 8x the tokens per step, to see
+which part of a gap is a fixed cost per step); --stages the zero_stages timed.
 
 Both loops read the same synthetic batches (pnet_dist.tasks.SyntheticLoader) and compute the
 loss with the same task object, so the ratio is the cost of the engine around the model:
@@ -50,12 +54,18 @@ STAGES = {0: "stage 0 (no ZeRO)", 1: "ZeRO-1", 2: "ZeRO-2"}
 OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
 CASES = {
-    # name: job overrides on top of the base config below
-    "parameternet_debug 32px, batch 32/rank": [
-        "model.name=parameternet_debug", "data.kind=image", "data.image_size=32", "data.batch_size=32"],
-    "pnet_llama_debug_up_e4 seq 128, batch 8/rank": [
-        "model.name=pnet_llama_debug_up_e4", "data.kind=text", "data.seq_len=128", "data.batch_size=8"],
+    # --cases key: (name in the tables, job overrides on top of the base config below)
+    "vision": ("parameternet_debug 32px, batch 32/rank", [
+        "model.name=parameternet_debug", "data.kind=image", "data.image_size=32", "data.batch_size=32"]),
+    "lm": ("pnet_llama_debug_up_e4 seq 128, batch 8/rank", [
+        "model.name=pnet_llama_debug_up_e4", "data.kind=text", "data.seq_len=128", "data.batch_size=8"]),
+    # The same model and parameters with 8x the tokens per step: the compute per step grows, what
+    # ZeRO adds per parameter (hooks, partition copies, the all-gather) does not.
+    "lm_long": ("pnet_llama_debug_up_e4 seq 1024, batch 8/rank", [
+        "model.name=pnet_llama_debug_up_e4", "model.kwargs.max_seq_len=1024", "data.kind=text", "data.seq_len=1024",
+        "data.batch_size=8"]),
 }
+DEFAULT_CASES = "vision,lm"
 
 
 def base_config(workdir: str, run_name: str, steps: int, log_every: int, overrides: list[str]):
@@ -240,28 +250,30 @@ def profiles(args, workdir: str) -> list[str]:
                            [*overrides, f"deepspeed.zero_stage={stage}"])
     return [profile_case(job(index, 2, overrides), job(index, 0, overrides), name, args.profile_steps,
                          args.profile_top)
-            for index, (name, overrides) in enumerate(CASES.items())]
+            for index, (name, overrides) in enumerate(selected_cases(args))]
 
 
 def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, float, float, str]]:
     """The step-time rows; each round's ratios go into rounds_seen[case]."""
     rows = []
-    for index, (name, overrides) in enumerate(CASES.items()):
+    stages = selected_stages(args)
+    for index, (name, overrides) in enumerate(selected_cases(args)):
         ddp: list[float] = []
-        ours: dict[int, list[float]] = {stage: [] for stage in STAGES}
-        bare: dict[int, list[float]] = {stage: [] for stage in STAGES}
+        ours: dict[int, list[float]] = {stage: [] for stage in stages}
+        bare: dict[int, list[float]] = {stage: [] for stage in stages}
         for round_index in range(args.rounds):
             cfg = {stage: base_config(workdir, f"bench_{index}_{round_index}_z{stage}", args.steps, args.warmup,
-                                      [*overrides, f"deepspeed.zero_stage={stage}"]) for stage in STAGES}
+                                      [*overrides, f"deepspeed.zero_stage={stage}"]) for stage in stages}
             # DDP before and after the round's DeepSpeed loops (their mean is the round's baseline),
             # the stages in alternating order: a machine that drifts during a round (a shared VM
             # does) shifts the baseline with the loops instead of against them.
-            ddp_before = interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)
-            for stage in (STAGES if round_index % 2 == 0 else reversed(STAGES)):
+            ddp_cfg = cfg[stages[0]]  # the DDP loop reads no deepspeed key
+            ddp_before = interval_median(step_times(ddp_cfg, *ddp_loop(ddp_cfg)), args.warmup)
+            for stage in (stages if round_index % 2 == 0 else stages[::-1]):
                 bare[stage].append(interval_median(step_times(cfg[stage], *bare_deepspeed_loop(cfg[stage])),
                                                    args.warmup))
                 ours[stage].append(time_ours(cfg[stage]))
-            ddp_after = interval_median(step_times(cfg[2], *ddp_loop(cfg[2])), args.warmup)
+            ddp_after = interval_median(step_times(ddp_cfg, *ddp_loop(ddp_cfg)), args.warmup)
             ddp.append((ddp_before + ddp_after) / 2)
         ddp_s = statistics.median(ddp)
 
@@ -270,7 +282,7 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
             phase of a shared machine hits both sides of a ratio alike."""
             return statistics.median(a / b for a, b in zip(num, den))
 
-        for stage in STAGES:
+        for stage in stages:
             ours_s, bare_s = statistics.median(ours[stage]), statistics.median(bare[stage])
             rows += [(f"step time, {name}: pnet_dist loop at {STAGES[stage]} / DDP", ours_s, ddp_s, "s",
                       paired(ours[stage], ddp), ["<=", TARGET_RATIO]),
@@ -279,12 +291,32 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
                      ("  of which the loop: pnet_dist loop / bare engine", ours_s, bare_s, "s",
                       paired(ours[stage], bare[stage]), None)]
         rounds_seen[name] = {f"{what} {STAGES[stage]}": [round(a / b, 3) for a, b in zip(times[stage], den)]
-                             for stage in STAGES for what, times, den in (("loop / DDP", ours, ddp),
+                             for stage in stages for what, times, den in (("loop / DDP", ours, ddp),
                                                                            ("bare / DDP", bare, ddp))}
     return rows
 
 
 BENCHES = [engine_vs_ddp]
+
+
+def selected_cases(args) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of the --cases keys, in the order given."""
+    keys = [key for key in args.cases.split(",") if key]
+    unknown = [key for key in keys if key not in CASES]
+    if unknown or not keys:
+        sys.exit(f"--cases {args.cases!r}: choose from {', '.join(CASES)} (comma-separated)")
+    return [CASES[key] for key in keys]
+
+
+def selected_stages(args) -> list[int]:
+    """The --stages zero_stages, in the order given."""
+    try:
+        stages = [int(stage) for stage in args.stages.split(",") if stage]
+    except ValueError:
+        stages = []
+    if not stages or any(stage not in STAGES for stage in stages):
+        sys.exit(f"--stages {args.stages!r}: choose from {', '.join(map(str, STAGES))} (comma-separated)")
+    return stages
 
 
 def worker(args) -> None:
@@ -326,8 +358,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=20,
                         help="steps profiled per loop and case after the timing rounds (0: no profile)")
     parser.add_argument("--profile-top", type=int, default=12, help="ops listed in each profile table")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"models timed, of {', '.join(CASES)}")
+    parser.add_argument("--stages", default=",".join(map(str, STAGES)), help="deepspeed.zero_stages timed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    selected_cases(args), selected_stages(args)  # a typo fails here, not after the workers' start
     if args.worker:
         worker(args)
         return
@@ -337,7 +372,8 @@ def main() -> None:
     load_at_start = os.getloadavg()[0]
     printed = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                          "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}",
-                         f"--profile-steps={args.profile_steps}", f"--profile-top={args.profile_top}"], env)
+                         f"--profile-steps={args.profile_steps}", f"--profile-top={args.profile_top}",
+                         f"--cases={args.cases}", f"--stages={args.stages}"], env)
     rows = printed["BENCH_ROWS"]
     if not args.skip_checkpoint:
         rows += run_stage([sys.executable, str(REPO / "tools" / "bench_checkpoint.py"), "--rows-json",
