@@ -99,10 +99,14 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     """Forward/backward over the micro-batches, one optimizer step, one collective for the stats;
     `stop` (this rank was asked to stop) is agreed on in that collective.
 
-    The stats collective starts after the last backward, before the optimizer step, and is waited
-    for after it: everything it carries (losses, stop flags, BatchNorm statistics) is known by then,
-    and the step's compute hides it. Waited for at the end of the step, it was a second point per
-    step where every rank waits for the slowest one (tools/bench_engine.py profile)."""
+    The stats collective starts after the last forward, before its backward, and is waited for
+    after the optimizer step: everything it carries (losses, stop flags, BatchNorm statistics) is
+    known once the last forward has run -- backward changes none of it (activation checkpointing's
+    recompute counts BatchNorm statistics once: pnet_dist.models.checkpointing) -- and the
+    backward and the step hide it. Waited for at the end of the step, it was a second point per
+    step where every rank waits for the slowest one (tools/bench_engine.py profile). Every rank
+    issues it at the same point of the step, before DeepSpeed's own collectives of that backward
+    and step, so the order of collectives is the same on all ranks."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     lr = max(engine.get_lr())
     buffers = list(engine.module.buffers())  # BatchNorm statistics; none in the LMs
@@ -110,22 +114,24 @@ def train_step(engine, task, micro_batches: list, step: int, seed: int, stop: bo
     loss_sum = torch.zeros((), device=task.device)
     nonfinite = torch.zeros((), device=task.device)
     extras_sum: dict[str, torch.Tensor] = {}
+    last = len(micro_batches) - 1
     for micro, batch in enumerate(micro_batches):
         if micro:
             engine.step()  # the previous micro-batch's: DeepSpeed only counts it, short of the last
         batch_seed = micro_batch_seed(seed, step, micro * world_size + rank)
         seed_step_rng(batch_seed)  # dropout / drop-path masks
         loss, extras = task.train_loss(engine, batch, seed=batch_seed)
-        engine.backward(poison_nonfinite(loss))
         loss_sum += loss.detach()
         nonfinite += (~torch.isfinite(loss.detach())).float()
         for key, value in extras.items():
             extras_sum[key] = extras_sum.get(key, 0.0) + value
-    stop_flag = torch.tensor(float(stop), device=task.device)
-    # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank 0's:
-    # BatchNorm statistics are averaged over ranks in the same collective as the step's stats.
-    pending = dist.start_sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
-                                         [b for b in buffers if b.is_floating_point()])
+        if micro == last:
+            # ZeRO keeps weights equal across ranks but not buffers, and a checkpoint holds rank
+            # 0's: BatchNorm statistics are averaged over ranks in the same collective as the stats.
+            stop_flag = torch.tensor(float(stop), device=task.device)
+            pending = dist.start_sum_and_average(torch.stack([loss_sum, nonfinite, stop_flag, *extras_sum.values()]),
+                                                 [b for b in buffers if b.is_floating_point()])
+        engine.backward(poison_nonfinite(loss))
     engine.step()  # the optimizer step, while the collective travels
     totals = pending.wait()
     num = len(micro_batches) * world_size
