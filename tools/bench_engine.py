@@ -256,7 +256,7 @@ def profiles(args, workdir: str) -> list[str]:
 def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, float, float, str]]:
     """The step-time rows; each round's ratios go into rounds_seen[case]."""
     rows = []
-    stages = selected_stages(args)
+    stages = args.stages
     for index, (name, overrides) in enumerate(selected_cases(args)):
         ddp: list[float] = []
         ours: dict[int, list[float]] = {stage: [] for stage in stages}
@@ -299,24 +299,28 @@ def engine_vs_ddp(args, workdir: str, rounds_seen: dict) -> list[tuple[str, floa
 BENCHES = [engine_vs_ddp]
 
 
-def selected_cases(args) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of the --cases keys, in the order given."""
-    keys = [key for key in args.cases.split(",") if key]
-    unknown = [key for key in keys if key not in CASES]
-    if unknown or not keys:
-        sys.exit(f"--cases {args.cases!r}: choose from {', '.join(CASES)} (comma-separated)")
-    return [CASES[key] for key in keys]
+def case_keys(text: str) -> list[str]:
+    """--cases: comma-separated keys of CASES, in the order given."""
+    keys = [key for key in text.split(",") if key]
+    if not keys or any(key not in CASES for key in keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(CASES)} (comma-separated)")
+    return keys
 
 
-def selected_stages(args) -> list[int]:
-    """The --stages zero_stages, in the order given."""
+def stage_list(text: str) -> list[int]:
+    """--stages: comma-separated zero_stages of STAGES, in the order given."""
     try:
-        stages = [int(stage) for stage in args.stages.split(",") if stage]
+        stages = [int(stage) for stage in text.split(",") if stage]
     except ValueError:
         stages = []
     if not stages or any(stage not in STAGES for stage in stages):
-        sys.exit(f"--stages {args.stages!r}: choose from {', '.join(map(str, STAGES))} (comma-separated)")
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(map(str, STAGES))} (comma-separated)")
     return stages
+
+
+def selected_cases(args) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of the --cases keys."""
+    return [CASES[key] for key in args.cases]
 
 
 def worker(args) -> None:
@@ -358,11 +362,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=20,
                         help="steps profiled per loop and case after the timing rounds (0: no profile)")
     parser.add_argument("--profile-top", type=int, default=12, help="ops listed in each profile table")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"models timed, of {', '.join(CASES)}")
-    parser.add_argument("--stages", default=",".join(map(str, STAGES)), help="deepspeed.zero_stages timed")
+    parser.add_argument("--cases", type=case_keys, default=DEFAULT_CASES, help=f"models timed, of {', '.join(CASES)}")
+    parser.add_argument("--stages", type=stage_list, default=",".join(map(str, STAGES)),
+                        help="deepspeed.zero_stages timed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    selected_cases(args), selected_stages(args)  # a typo fails here, not after the workers' start
+    args = parser.parse_args()  # a typo in --cases / --stages fails here, not after the workers' start
     if args.worker:
         worker(args)
         return
@@ -373,7 +377,7 @@ def main() -> None:
     printed = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                          "--worker", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rounds={args.rounds}",
                          f"--profile-steps={args.profile_steps}", f"--profile-top={args.profile_top}",
-                         f"--cases={args.cases}", f"--stages={args.stages}"], env)
+                         f"--cases={','.join(args.cases)}", f"--stages={','.join(map(str, args.stages))}"], env)
     rows = printed["BENCH_ROWS"]
     if not args.skip_checkpoint:
         rows += run_stage([sys.executable, str(REPO / "tools" / "bench_checkpoint.py"), "--rows-json",
